@@ -1,0 +1,211 @@
+"""`disagg-serve`: the command line. Other tools script against these exact forms."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="model directory (default: the demo target model)")
+    g.add_argument("--max-model-len", type=int, default=1024)
+    g.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's)")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--kv-cache-gib", type=float, default=0.5, help="CPU: KV cache per instance, GiB")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    g.add_argument("--dtype", default="auto")
+    g.add_argument("--seed", type=int, default=0)
+
+
+def _add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join the local node); "
+                                                   "default starts a local Ray instance")
+    p.add_argument("--colocated", type=int, default=1, metavar="N",
+                   help="colocated instances (prefill and decode in one engine)")
+    p.add_argument("--cpus-per-instance", type=float, default=1.0)
+    p.add_argument("--gpus-per-instance", type=float, default=0.0)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus endpoint port")
+    p.add_argument("--default-max-tokens", type=int, default=256)
+    p.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's max length - 1")
+    p.add_argument("--actor-timeout", type=float, default=30.0, help="deadline of each worker call, s")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    _add_engine_args(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disagg-serve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_up_args(sub.add_parser("up", help="start serving (blocks until SIGINT/SIGTERM)"))
+
+    gen = sub.add_parser("generate", help="stream one completion's text to stdout")
+    gen.add_argument("--server", default="localhost:50051")
+    gen.add_argument("--max-tokens", type=int, default=None)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--timeout", type=float, default=None)
+    gen.add_argument("prompt")
+
+    st = sub.add_parser("status", help="the instances and their load")
+    st.add_argument("--server", default="localhost:50051")
+    st.add_argument("--json", action="store_true")
+
+    mod = sub.add_parser("models", help="build (or find) the demo models; prints their directory last")
+    mod.add_argument("dir", nargs="?", default=None)
+
+    rnd = sub.add_parser("random-model", help="write a random-weight model of a real shape")
+    rnd.add_argument("--preset", default="llama-1b")
+    rnd.add_argument("--seed", type=int, default=0)
+    rnd.add_argument("dir", nargs="?", default=None)
+
+    from cluster.bench import add_bench_args
+
+    add_bench_args(sub.add_parser("bench", help="benchmark a running server (vllm bench serve style)"))
+
+    demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
+    demo.add_argument("--colocated", type=int, default=2)
+    demo.add_argument("--port", type=int, default=0)
+    return parser
+
+
+def serve_config_from_args(args) -> ServeConfig:
+    model = args.model or demo_target()
+    engine = EngineConfig(
+        model=model,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        cpu_kv_cache_gib=args.kv_cache_gib,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        dtype=args.dtype,
+        seed=args.seed,
+    )
+    router = RouterConfig(
+        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+        actor_call_timeout_s=args.actor_timeout, startup_timeout_s=args.startup_timeout,
+    )
+    pools = (PoolConfig("colocated", args.colocated, args.cpus_per_instance, args.gpus_per_instance),)
+    return ServeConfig(engine=engine, router=router, pools=pools, address=args.address)
+
+
+def demo_target() -> str:
+    from cluster.models import build_demo_models
+
+    return str(build_demo_models() / "target")
+
+
+def cmd_up(args) -> int:
+    import asyncio
+
+    from cluster.launcher import serve_until_signal
+
+    asyncio.run(serve_until_signal(serve_config_from_args(args)))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import grpc
+
+    from cluster.client import Client
+
+    with Client(args.server) as client:
+        try:
+            last = None
+            for msg in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                     top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                     stop=args.stop, timeout=args.timeout):
+                sys.stdout.write(msg.text)
+                sys.stdout.flush()
+                last = msg
+            sys.stdout.write("\n")
+            if last is not None:
+                print(f"[{last.request_id}] finish={last.finish_reason} prompt_tokens={last.usage.prompt_tokens} "
+                      f"completion_tokens={last.usage.completion_tokens} served_by={','.join(last.served_by)}",
+                      file=sys.stderr)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def format_status_table(status: dict) -> str:
+    rows = [("INSTANCE", "ROLE", "STATE", "KV USED", "FREE/TOTAL BLOCKS", "RUNNING", "WAITING",
+             "QUEUED PROMPT", "SERVED")]
+    for inst in status.get("instances", []):
+        load = inst.get("load", {})
+        total, free = int(load.get("num_total_blocks", 0)), int(load.get("num_free_blocks", 0))
+        rows.append((inst["instance_id"], inst["role"], inst["state"], f"{100 * load.get('kv_usage', 0):.1f}%",
+                     f"{free}/{total}", str(load.get("num_running", 0)), str(load.get("num_waiting", 0)),
+                     str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0))))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
+                 f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    import grpc
+
+    from cluster.client import Client, status_to_dict
+
+    with Client(args.server) as client:
+        try:
+            status = status_to_dict(client.cluster_status())
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(status, indent=2) if args.json else format_status_table(status))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from cluster.models import build_demo_models
+
+    print(build_demo_models(args.dir))
+    return 0
+
+
+def cmd_random_model(args) -> int:
+    from cluster.models import write_random_model
+
+    print(write_random_model(args.dir or os.path.join(os.getcwd(), "random-models"), args.preset, seed=args.seed))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from cluster.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def cmd_demo(args) -> int:
+    from cluster.demo import run_demo
+
+    return run_demo(colocated=args.colocated, port=args.port)
+
+
+COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "models": cmd_models,
+            "random-model": cmd_random_model, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""Python clients for the DisaggServe gRPC API (blocking and asyncio)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import grpc
+from google.protobuf import json_format
+
+from proto import disagg_pb2 as pb
+from proto import disagg_pb2_grpc as pb_grpc
+
+FINISH_REASONS = {
+    pb.FINISH_REASON_UNSPECIFIED: None,
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+@dataclass
+class Completion:
+    request_id: str = ""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    served_by: list[str] = field(default_factory=list)
+
+    def add(self, msg: pb.GenerateResponse) -> None:
+        self.request_id = msg.request_id
+        self.text += msg.text
+        self.token_ids.extend(msg.token_ids)
+        if msg.finished:
+            self.finish_reason = FINISH_REASONS.get(msg.finish_reason)
+            self.stop_reason = msg.stop_reason
+            self.prompt_tokens = msg.usage.prompt_tokens
+            self.completion_tokens = msg.usage.completion_tokens
+            self.served_by = list(msg.served_by)
+
+
+def build_request(prompt: str | list[int], *, max_tokens: int | None = None,
+                  temperature: float | None = None, top_p: float | None = None,
+                  top_k: int | None = None, min_tokens: int | None = None,
+                  stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
+                  seed: int | None = None, ignore_eos: bool = False, priority: int = 0,
+                  request_id: str = "") -> pb.GenerateRequest:
+    request = pb.GenerateRequest(priority=priority, request_id=request_id)
+    if isinstance(prompt, str):
+        request.text = prompt
+    else:
+        request.token_ids.ids.extend(prompt)
+    s = request.sampling
+    for name, value in (("max_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
+                        ("top_k", top_k), ("min_tokens", min_tokens), ("seed", seed)):
+        if value is not None:
+            setattr(s, name, value)
+    s.stop.extend(stop or [])
+    s.stop_token_ids.extend(stop_token_ids or [])
+    s.ignore_eos = ignore_eos
+    return request
+
+
+def status_to_dict(status: pb.ClusterStatus) -> dict:
+    return json_format.MessageToDict(status, preserving_proto_field_name=True,
+                                     always_print_fields_with_no_presence=True)
+
+
+class Client:
+    """Blocking client. `stream()` yields GenerateResponse messages; `generate()` collects them."""
+
+    def __init__(self, server: str = "localhost:50051", timeout: float | None = None):
+        self.channel = grpc.insecure_channel(server)
+        self.stub = pb_grpc.DisaggServeStub(self.channel)
+        self.timeout = timeout
+
+    def stream(self, prompt, *, timeout: float | None = None, **kwargs):
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    def generate(self, prompt, *, timeout: float | None = None, **kwargs) -> Completion:
+        completion = Completion()
+        for msg in self.stream(prompt, timeout=timeout, **kwargs):
+            completion.add(msg)
+        return completion
+
+    def abort(self, request_id: str) -> None:
+        self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout or 30)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout or 30)
+
+    def cluster_status(self) -> pb.ClusterStatus:
+        return self.stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=self.timeout or 30)
+
+    def wait_ready(self, timeout: float = 600.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncClient:
+    """asyncio client; `stream()` is an async iterator of GenerateResponse messages."""
+
+    def __init__(self, server: str = "localhost:50051", timeout: float | None = None):
+        self.channel = grpc.aio.insecure_channel(server, options=[("grpc.max_concurrent_streams", 4096)])
+        self.stub = pb_grpc.DisaggServeStub(self.channel)
+        self.timeout = timeout
+
+    def stream(self, prompt, *, timeout: float | None = None, **kwargs):
+        return self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+
+    async def generate(self, prompt, *, timeout: float | None = None, **kwargs) -> Completion:
+        completion = Completion()
+        async for msg in self.stream(prompt, timeout=timeout, **kwargs):
+            completion.add(msg)
+        return completion
+
+    async def abort(self, request_id: str) -> None:
+        await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=self.timeout or 30)
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout or 30)
+
+    async def cluster_status(self) -> pb.ClusterStatus:
+        return await self.stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=self.timeout or 30)
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,108 @@
+"""Typed configuration: one source of truth, passed down from the CLI to every actor."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one vLLM engine instance is built (the same for every instance of a pool)."""
+
+    model: str
+    tokenizer: str | None = None
+    max_model_len: int = 1024
+    # None lets vLLM choose (128 on CPU, 16 on GPU).
+    block_size: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True
+    # Off: freed blocks then really are free, which keeps load reports honest.
+    enable_prefix_caching: bool = False
+    dtype: str = "auto"
+    seed: int = 0
+    # CPU: GiB of host memory for the KV cache (VLLM_CPU_KVCACHE_SPACE) per instance.
+    cpu_kv_cache_gib: float = 0.5
+    # GPU: fraction of device memory vLLM may take.
+    gpu_memory_utilization: float = 0.85
+    enforce_eager: bool = True
+
+    def engine_kwargs(self) -> dict:
+        """Keyword arguments for vllm.EngineArgs."""
+        kwargs = dict(
+            model=self.model,
+            tokenizer=self.tokenizer or self.model,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+            enable_prefix_caching=self.enable_prefix_caching,
+            dtype=self.dtype,
+            seed=self.seed,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            enforce_eager=self.enforce_eager,
+            disable_log_stats=False,
+        )
+        if self.block_size is not None:
+            kwargs["block_size"] = self.block_size
+        if self.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = self.max_num_batched_tokens
+        return kwargs
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """Instances of one role and the Ray resources each one asks for."""
+
+    role: str  # colocated | prefill | decode
+    num_instances: int = 0
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Custom Ray resource the nodes of this pool advertise (explicit placement).
+    resource: str | None = None
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int | None = None
+    # Used when a request leaves max_tokens unset; clipped to the context left.
+    default_max_tokens: int = 256
+    # 0 means: the model's max length minus one.
+    max_prompt_tokens: int = 0
+    # Longest a poll of an idle instance waits; output returns as soon as it exists.
+    poll_wait_s: float = 0.5
+    # Deadline for any single call to a worker actor (add, abort, load).
+    actor_call_timeout_s: float = 30.0
+    # Deadline for instances to start (model load).
+    startup_timeout_s: float = 600.0
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything `disagg-serve up` needs."""
+
+    engine: EngineConfig
+    router: RouterConfig = field(default_factory=RouterConfig)
+    pools: tuple[PoolConfig, ...] = (PoolConfig(role="colocated", num_instances=1),)
+    # Ray cluster address; None starts a local Ray instance.
+    address: str | None = None
+    # Logical CPUs for a local Ray instance (None: enough for the pools).
+    local_num_cpus: float | None = None
+
+    def replace(self, **changes) -> "ServeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def pool(self, role: str) -> PoolConfig | None:
+        for pool in self.pools:
+            if pool.role == role and pool.num_instances > 0:
+                return pool
+        return None
+
+
+def default_models_dir() -> str:
+    return os.environ.get(
+        "DISAGG_MODELS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "disagg-serve", "models")
+    )

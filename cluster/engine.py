@@ -1,0 +1,185 @@
+"""EngineLoop: one vLLM engine driven by a step loop on its own thread.
+
+The engine is not thread-safe, so only the loop thread touches it: callers enqueue commands
+(add, abort) and collect per-step token deltas with `poll`, which blocks until output exists
+or a timeout passes. One poll returns every delta produced since the previous poll.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+
+from cluster import vllm_adapter as va
+from cluster.config import EngineConfig
+from cluster.protocol import EngineRequest, LoadReport, StepBatch, TokenDelta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request: EngineRequest
+
+
+@dataclass(frozen=True)
+class _Abort:
+    request_ids: tuple[str, ...]
+
+
+class EngineStopped(RuntimeError):
+    pass
+
+
+class EngineLoop:
+    def __init__(self, config: EngineConfig, instance_id: str, engine=None):
+        self.config = config
+        self.instance_id = instance_id
+        self.engine = engine if engine is not None else va.build_engine(config)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outputs: list[TokenDelta] = []
+        self._cond = threading.Condition()
+        self._live: set[str] = set()
+        self._stop = threading.Event()
+        self._fatal: str | None = None
+        self._steps = 0
+        self._tokens = 0
+        self._finished = 0
+        self._load = self._measure_load()
+        self._thread = threading.Thread(target=self._run, name=f"engine-{instance_id}", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (any thread) ----
+    def add(self, request: EngineRequest) -> None:
+        self._check_alive()
+        self._commands.put(_Add(request))
+
+    def abort(self, request_ids) -> None:
+        self._commands.put(_Abort(tuple(request_ids)))
+
+    def poll(self, timeout_s: float) -> StepBatch:
+        """Every delta since the last poll; waits up to timeout_s for the first one."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._outputs and self._fatal is None and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            deltas, self._outputs = self._outputs, []
+            return StepBatch(deltas=deltas, load=self._load, fatal_error=self._fatal)
+
+    def load(self) -> LoadReport:
+        return self._load
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout_s)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _check_alive(self) -> None:
+        if self._fatal is not None:
+            raise EngineStopped(f"engine {self.instance_id} failed: {self._fatal}")
+        if self._stop.is_set():
+            raise EngineStopped(f"engine {self.instance_id} is stopped")
+
+    # ---- loop thread ----
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                busy = self.engine.has_unfinished_requests()
+                self._drain_commands(block=not busy)
+                if self._stop.is_set():
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                self._load = self._measure_load()
+        except Exception as exc:  # the engine is unusable: fail every live request loudly
+            log.exception("engine %s failed", self.instance_id)
+            self._fatal = f"{type(exc).__name__}: {exc}"
+            self._emit([TokenDelta(r, [], True, "error", error=self._fatal) for r in self._live])
+            self._live.clear()
+            traceback.print_exc()
+
+    def _drain_commands(self, block: bool) -> None:
+        timeout = 0.1 if block else None
+        while True:
+            try:
+                cmd = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+            except queue.Empty:
+                return
+            timeout = None
+            if cmd is None:
+                return
+            if isinstance(cmd, _Add):
+                self._add(cmd.request)
+            elif isinstance(cmd, _Abort):
+                self._abort(cmd.request_ids)
+
+    def _add(self, request: EngineRequest) -> None:
+        try:
+            self.engine.add_request(
+                request.request_id,
+                {"prompt_token_ids": list(request.prompt_token_ids)},
+                va.to_sampling_params(request.sampling),
+            )
+        except Exception as exc:  # vLLM rejected it: report, keep serving the rest
+            self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))])
+            return
+        self._live.add(request.request_id)
+
+    def _abort(self, request_ids) -> None:
+        live = [r for r in request_ids if r in self._live]
+        if not live:
+            return
+        self.engine.abort_request(live)
+        self._live.difference_update(live)
+        self._finished += len(live)
+        self._emit([TokenDelta(r, [], True, "abort") for r in live])
+
+    def _step(self) -> None:
+        outputs = self.engine.step()
+        self._steps += 1
+        deltas = []
+        for out in outputs:
+            if out.request_id not in self._live:
+                continue
+            completion = out.outputs[0]
+            new_ids = list(completion.token_ids)
+            self._tokens += len(new_ids)
+            delta = TokenDelta(out.request_id, new_ids)
+            if out.finished:
+                delta.finished = True
+                delta.finish_reason = completion.finish_reason or "stop"
+                if isinstance(completion.stop_reason, int):
+                    delta.stop_token_id = completion.stop_reason
+                self._live.discard(out.request_id)
+                self._finished += 1
+            deltas.append(delta)
+        if deltas:
+            self._emit(deltas)
+
+    def _emit(self, deltas: list[TokenDelta]) -> None:
+        with self._cond:
+            self._outputs.extend(deltas)
+            self._cond.notify_all()
+
+    def _measure_load(self) -> LoadReport:
+        running, waiting, queued = va.queue_snapshot(self.engine)
+        return LoadReport(
+            instance_id=self.instance_id,
+            num_total_blocks=va.num_usable_blocks(self.engine),
+            num_free_blocks=va.num_free_blocks(self.engine),
+            num_running=running,
+            num_waiting=waiting,
+            queued_prompt_tokens=queued,
+            steps=self._steps,
+            tokens_generated=self._tokens,
+            requests_finished=self._finished,
+        )

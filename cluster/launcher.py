@@ -1,0 +1,142 @@
+"""Starts a serving cluster: Ray, the worker pools, the router and its gRPC and metrics ports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from cluster.config import ServeConfig
+from cluster.protocol import InstanceInfo
+
+log = logging.getLogger(__name__)
+
+
+def _say(message: str) -> None:
+    print(f"[disagg-serve] {message}", file=sys.stderr, flush=True)
+
+
+def init_ray(config: ServeConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if config.address:
+        ray.init(address=config.address, log_to_driver=True)
+        return
+    needed = sum(p.num_cpus * p.num_instances for p in config.pools)
+    ray.init(num_cpus=config.local_num_cpus or max(2, needed), include_dashboard=False,
+             log_to_driver=True)
+
+
+def load_tokenizer(model: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)
+
+
+@dataclass
+class RunningCluster:
+    config: ServeConfig
+    router: object
+    server: object
+    port: int
+    actors: list
+    metrics_server: object | None = None
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        import ray
+
+        await self.server.stop(grace_s)
+        await self.router.stop()
+        for actor in self.actors:
+            try:
+                ray.get(actor.shutdown.remote(), timeout=10)
+            except Exception:  # already dead: killing it below is enough
+                pass
+            ray.kill(actor)
+        if self.metrics_server is not None:
+            self.metrics_server[0].shutdown()
+
+
+async def start_cluster(config: ServeConfig) -> RunningCluster:
+    """Spawn every pool's actors, wait for their engines, start the router. Call in an event loop."""
+    import ray
+
+    from cluster.worker import spawn_worker
+    from router.instances import Instance
+    from router.metrics import RouterMetrics
+    from router.router import Router
+    from router.server import DisaggServeServicer, start_grpc_server
+    from router.validation import Limits
+
+    init_ray(config)
+    actors, ids = [], []
+    for pool in config.pools:
+        for index in range(pool.num_instances):
+            instance_id = f"{pool.role}-{index}"
+            actors.append(spawn_worker(config.engine, pool, instance_id))
+            ids.append(instance_id)
+    _say(f"starting {len(actors)} engine instance(s): {', '.join(ids)}")
+    started = time.monotonic()
+    futures = {asyncio.wrap_future(actor.info.remote().future()): i for i, actor in enumerate(actors)}
+    infos: dict[int, InstanceInfo] = {}
+    pending = set(futures)
+    deadline = started + config.router.startup_timeout_s
+    while pending:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            for actor in actors:
+                ray.kill(actor)
+            raise TimeoutError(f"engine instances not ready after {config.router.startup_timeout_s:.0f}s")
+        done, pending = await asyncio.wait(pending, timeout=min(left, 5.0),
+                                           return_when=asyncio.FIRST_COMPLETED)
+        for fut in done:
+            info = fut.result()  # raises the actor's start-up error, if any
+            infos[futures[fut]] = info
+            _say(f"  {info.instance_id} ready on node {info.node_id[:8]} "
+                 f"({info.num_total_blocks} KV blocks of {info.block_size} tokens) "
+                 f"after {time.monotonic() - started:.1f}s")
+        if not done:
+            _say(f"  waiting for {len(pending)} instance(s)... {time.monotonic() - started:.0f}s")
+    instances = [Instance(info=infos[i], actor=actor) for i, actor in enumerate(actors)]
+    first = instances[0].info
+    metrics = RouterMetrics()
+    router = Router(config.router, instances, load_tokenizer(config.engine.tokenizer or config.engine.model),
+                    metrics)
+    router.start()
+    max_prompt = config.router.max_prompt_tokens or first.max_model_len - 1
+    limits = Limits(
+        max_model_len=first.max_model_len,
+        vocab_size=first.vocab_size,
+        default_max_tokens=config.router.default_max_tokens,
+        max_prompt_tokens=min(max_prompt, first.max_model_len - 1),
+    )
+    servicer = DisaggServeServicer(router, config.engine.model, limits, first.block_size,
+                                   first.eos_token_ids, first.bos_token_id)
+    server, port = await start_grpc_server(servicer, config.router.host, config.router.port)
+    metrics_server = None
+    if config.router.metrics_port is not None:
+        metrics_server = metrics.serve(config.router.metrics_port)
+        _say(f"Prometheus metrics on :{config.router.metrics_port}/metrics")
+    _say(f"serving gRPC on {config.router.host}:{port}")
+    return RunningCluster(config, router, server, port, actors, metrics_server)
+
+
+async def serve_until_signal(config: ServeConfig) -> None:
+    cluster = await start_cluster(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY {cluster.port}", flush=True)
+    await stop.wait()
+    _say("shutting down")
+    await cluster.stop()
+    import ray
+
+    ray.shutdown()
+    _say("stopped")

@@ -1,0 +1,90 @@
+"""Dataclasses exchanged between the router and the worker actors.
+
+Workers emit token ids only; the router owns detokenization and stop strings, so a request's
+text stays continuous whichever engines computed its tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Engine-side sampling parameters, already validated by the router."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: Sampling
+    priority: int = 0
+
+
+@dataclass
+class TokenDelta:
+    """New tokens of one request since the previous delta, in one engine step."""
+
+    request_id: str
+    token_ids: list[int]
+    finished: bool = False
+    # length | stop | abort | error
+    finish_reason: str | None = None
+    # The stop token id that ended the request, if any.
+    stop_token_id: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    instance_id: str
+    num_total_blocks: int
+    num_free_blocks: int
+    num_running: int
+    num_waiting: int
+    queued_prompt_tokens: int
+    steps: int = 0
+    tokens_generated: int = 0
+    requests_finished: int = 0
+    timestamp: float = field(default_factory=time.time)
+
+    @property
+    def kv_usage(self) -> float:
+        if self.num_total_blocks <= 0:
+            return 0.0
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """What one poll of a worker returns: the deltas of every step since the last poll."""
+
+    deltas: list[TokenDelta]
+    load: LoadReport
+    # Set when the engine failed; the instance is then unusable.
+    fatal_error: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    instance_id: str
+    role: str
+    node_id: str
+    model: str
+    max_model_len: int
+    block_size: int
+    num_total_blocks: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None

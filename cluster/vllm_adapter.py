@@ -1,0 +1,105 @@
+"""Every touch of vLLM internals for the engine wrapper, pinned to one vLLM version.
+
+The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the step loop can read the
+scheduler and block pool directly. tests/unit/test_vllm_adapter.py breaks loudly if these
+attributes move.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cluster.config import EngineConfig
+from cluster.protocol import Sampling
+
+PINNED_VLLM_VERSION = "0.32.0"
+GIB = 1 << 30
+
+
+def check_vllm_version() -> str:
+    import vllm
+
+    if vllm.__version__ != PINNED_VLLM_VERSION:
+        raise RuntimeError(
+            f"disagg-serve is pinned to vLLM {PINNED_VLLM_VERSION} (engine internals are read "
+            f"directly), but vLLM {vllm.__version__} is installed"
+        )
+    return vllm.__version__
+
+
+def build_engine(config: EngineConfig):
+    """An LLMEngine whose engine core lives in this process."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    check_vllm_version()
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+    from vllm.v1.engine.llm_engine import LLMEngine
+
+    kwargs = config.engine_kwargs()
+    if current_platform.is_cpu():
+        # The CPU platform sizes its KV cache in bytes, not as a memory fraction.
+        kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * GIB)
+    return LLMEngine.from_engine_args(EngineArgs(**kwargs))
+
+
+def engine_core(engine):
+    return engine.engine_core.engine_core
+
+
+def scheduler(engine):
+    return engine_core(engine).scheduler
+
+
+def block_pool(engine):
+    return scheduler(engine).kv_cache_manager.block_pool
+
+
+def num_usable_blocks(engine) -> int:
+    # Block 0 is vLLM's reserved null block; it is never free for requests.
+    return block_pool(engine).num_gpu_blocks - 1
+
+
+def num_free_blocks(engine) -> int:
+    return block_pool(engine).get_num_free_blocks()
+
+
+def queue_snapshot(engine) -> tuple[int, int, int]:
+    """(running, waiting, prompt tokens not yet computed) from the scheduler's queues."""
+    sched = scheduler(engine)
+    queued = 0
+    for request in list(sched.running) + list(sched.waiting):
+        queued += max(0, request.num_prompt_tokens - request.num_computed_tokens)
+    return len(sched.running), len(sched.waiting), queued
+
+
+def block_size(engine) -> int:
+    return engine.vllm_config.cache_config.block_size
+
+
+def max_model_len(engine) -> int:
+    return engine.model_config.max_model_len
+
+
+def vocab_size(engine) -> int:
+    return engine.model_config.get_vocab_size()
+
+
+def to_sampling_params(sampling: Sampling):
+    """vLLM SamplingParams that emit token ids only, as per-step deltas."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_tokens,
+        min_tokens=sampling.min_tokens,
+        stop_token_ids=list(sampling.stop_token_ids),
+        seed=sampling.seed,
+        ignore_eos=sampling.ignore_eos,
+        detokenize=False,
+        skip_special_tokens=False,
+        output_kind=RequestOutputKind.DELTA,
+    )

@@ -1,0 +1,1 @@
+"""Decode pool: vLLM engine as KV consumer, speculative decoding with TETRIS."""

@@ -1,0 +1,1 @@
+"""The global router: gRPC front end, request table, dispatcher, metrics."""

@@ -1,0 +1,37 @@
+"""The router's view of one worker actor: its info, latest load and the requests placed on it."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from cluster.protocol import InstanceInfo, LoadReport
+
+
+class InstanceState(str, enum.Enum):
+    READY = "ready"
+    DRAINING = "draining"
+    DEAD = "dead"
+
+
+@dataclass
+class Instance:
+    info: InstanceInfo
+    actor: object
+    state: InstanceState = InstanceState.READY
+    load: LoadReport | None = None
+    in_flight: set[str] = field(default_factory=set)
+    requests_served: int = 0
+    death_reason: str | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self.info.instance_id
+
+    @property
+    def role(self) -> str:
+        return self.info.role
+
+    @property
+    def ready(self) -> bool:
+        return self.state == InstanceState.READY

@@ -1,0 +1,53 @@
+"""In-flight requests by id: the router's only per-request state."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from router.errors import RequestError
+from router.validation import ValidatedRequest
+
+
+@dataclass
+class RequestState:
+    request_id: str
+    request: ValidatedRequest
+    arrival: float = field(default_factory=time.monotonic)
+    # Deltas from the engines, in order, for this request's stream.
+    deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
+    instance_id: str | None = None
+    served_by: list[str] = field(default_factory=list)
+    num_output_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    abort_requested: bool = False
+    finished: bool = False
+
+
+class RequestTable:
+    def __init__(self):
+        self._requests: dict[str, RequestState] = {}
+
+    def add(self, state: RequestState) -> None:
+        if state.request_id in self._requests:
+            raise RequestError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                f"request id {state.request_id!r} is already in flight",
+            )
+        self._requests[state.request_id] = state
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self._requests.get(request_id)
+
+    def remove(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+    def __iter__(self):
+        return iter(list(self._requests.values()))
