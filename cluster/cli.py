@@ -73,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(sub.add_parser("bench", help="benchmark a running server (vllm bench serve style)"))
 
+    suite = sub.add_parser("bench-suite", help="comparison studies (baseline vs new, same run)")
+    studies = suite.add_subparsers(dest="study", required=True)
+    from cluster.benchmarks import STUDIES
+
+    for name, module in STUDIES.items():
+        import importlib
+
+        importlib.import_module(module).add_args(studies.add_parser(name))
+
     demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
     demo.add_argument("--colocated", type=int, default=2)
     demo.add_argument("--port", type=int, default=0)
@@ -192,6 +201,14 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_bench_suite(args) -> int:
+    import importlib
+
+    from cluster.benchmarks import STUDIES
+
+    return importlib.import_module(STUDIES[args.study]).main(args)
+
+
 def cmd_demo(args) -> int:
     from cluster.demo import run_demo
 
@@ -199,7 +216,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "models": cmd_models,
-            "random-model": cmd_random_model, "bench": cmd_bench, "demo": cmd_demo}
+            "random-model": cmd_random_model, "bench": cmd_bench, "bench-suite": cmd_bench_suite,
+            "demo": cmd_demo}
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,7 @@ class Client:
     """Blocking client. `stream()` yields GenerateResponse messages; `generate()` collects them."""
 
     def __init__(self, server: str = "localhost:50051", timeout: float | None = None):
+        self.address = server
         self.channel = grpc.insecure_channel(server)
         self.stub = pb_grpc.DisaggServeStub(self.channel)
         self.timeout = timeout

@@ -35,6 +35,22 @@ class EngineStopped(RuntimeError):
     pass
 
 
+def coalesce(deltas: list[TokenDelta]) -> list[TokenDelta]:
+    """One delta per request: the steps since the last poll, in order (fewer router wake-ups)."""
+    merged: dict[str, TokenDelta] = {}
+    for d in deltas:
+        m = merged.get(d.request_id)
+        if m is None:
+            merged[d.request_id] = TokenDelta(d.request_id, list(d.token_ids), d.finished,
+                                              d.finish_reason, d.stop_token_id, d.error)
+            continue
+        m.token_ids.extend(d.token_ids)
+        if d.finished:
+            m.finished, m.finish_reason = True, d.finish_reason
+            m.stop_token_id, m.error = d.stop_token_id, d.error
+    return list(merged.values())
+
+
 class EngineLoop:
     def __init__(self, config: EngineConfig, instance_id: str, engine=None):
         self.config = config
@@ -44,6 +60,8 @@ class EngineLoop:
         self._outputs: list[TokenDelta] = []
         self._cond = threading.Condition()
         self._live: set[str] = set()
+        # Requests driven from inside the actor (benchmarks): their deltas bypass poll().
+        self._local_sinks: dict[str, queue.SimpleQueue] = {}
         self._stop = threading.Event()
         self._fatal: str | None = None
         self._steps = 0
@@ -71,10 +89,35 @@ class EngineLoop:
                     break
                 self._cond.wait(left)
             deltas, self._outputs = self._outputs, []
-            return StepBatch(deltas=deltas, load=self._load, fatal_error=self._fatal)
+            return StepBatch(deltas=coalesce(deltas), load=self._load, fatal_error=self._fatal)
 
     def load(self) -> LoadReport:
         return self._load
+
+    def run_local(self, requests: list[EngineRequest], timeout_s: float) -> dict:
+        """Runs requests to completion without the router (the in-process baseline of the
+        gRPC-overhead benchmark). Returns output tokens and wall seconds."""
+        sink: queue.SimpleQueue = queue.SimpleQueue()
+        for r in requests:
+            self._local_sinks[r.request_id] = sink
+        start = time.perf_counter()
+        for r in requests:
+            self.add(r)
+        deadline = time.monotonic() + timeout_s
+        tokens, open_ids = 0, {r.request_id for r in requests}
+        try:
+            while open_ids:
+                delta = sink.get(timeout=max(0.0, deadline - time.monotonic()))
+                tokens += len(delta.token_ids)
+                if delta.finished:
+                    open_ids.discard(delta.request_id)
+        except queue.Empty:
+            self.abort(open_ids)
+            raise TimeoutError(f"{len(open_ids)} local requests unfinished after {timeout_s}s")
+        finally:
+            for r in requests:
+                self._local_sinks.pop(r.request_id, None)
+        return {"output_tokens": tokens, "seconds": time.perf_counter() - start}
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -166,9 +209,17 @@ class EngineLoop:
             self._emit(deltas)
 
     def _emit(self, deltas: list[TokenDelta]) -> None:
-        with self._cond:
-            self._outputs.extend(deltas)
-            self._cond.notify_all()
+        routed = []
+        for d in deltas:
+            sink = self._local_sinks.get(d.request_id)
+            if sink is not None:
+                sink.put(d)
+            else:
+                routed.append(d)
+        if routed:
+            with self._cond:
+                self._outputs.extend(routed)
+                self._cond.notify_all()
 
     def _measure_load(self) -> LoadReport:
         running, waiting, queued = va.queue_snapshot(self.engine)

@@ -61,6 +61,9 @@ class EngineWorker:
     def load(self) -> LoadReport:
         return self.loop.load()
 
+    def run_local(self, requests: list[EngineRequest], timeout_s: float = 600.0) -> dict:
+        return self.loop.run_local(requests, timeout_s)
+
     def shutdown(self) -> None:
         self.loop.stop()
 

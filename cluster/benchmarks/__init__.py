@@ -1,0 +1,6 @@
+"""Comparison studies: each runs a baseline and the new thing in the same run, prints the
+ratio, and writes JSON and a PNG plot. Run with `disagg-serve bench-suite NAME`."""
+
+STUDIES = {
+    "grpc-overhead": "cluster.benchmarks.grpc_overhead",
+}

@@ -1,0 +1,88 @@
+"""`make demo`: demo models, a local cluster, completions streamed over gRPC, a summary."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+DEMO_PROMPTS = [
+    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\ndef main(",
+    "class Stack:\n    def __init__(self):\n",
+    "for i in range(10):\n",
+    "    def __repr__(self):\n",
+    "with open(path) as f:\n",
+    "try:\n    import json\nexcept ImportError:\n",
+    "if __name__ == '__main__':\n",
+]
+
+
+async def _stream_one(client, prompt: str, max_tokens: int, echo: bool) -> dict:
+    start = time.perf_counter()
+    first = None
+    tokens, last = 0, None
+    if echo:
+        sys.stdout.write(f"\n--- prompt ---\n{prompt}--- completion (streamed) ---\n")
+    async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0):
+        if msg.token_ids and first is None:
+            first = time.perf_counter() - start
+        tokens += len(msg.token_ids)
+        if echo:
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+        last = msg
+    if echo:
+        sys.stdout.write("\n")
+    return {"ttft": first or 0.0, "e2e": time.perf_counter() - start, "tokens": tokens,
+            "served_by": list(last.served_by), "finish": last.finish_reason}
+
+
+async def _demo(colocated: int, port: int) -> None:
+    from cluster.cli import format_status_table
+    from cluster.client import AsyncClient, status_to_dict
+    from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+    from cluster.launcher import start_cluster
+    from cluster.models import build_demo_models
+
+    models = build_demo_models()
+    config = ServeConfig(
+        engine=EngineConfig(model=str(models / "target"), cpu_kv_cache_gib=0.25),
+        router=RouterConfig(host="127.0.0.1", port=port),
+        pools=(PoolConfig("colocated", colocated),),
+    )
+    cluster = await start_cluster(config)
+    client = AsyncClient(f"127.0.0.1:{cluster.port}")
+    try:
+        info = await client.model_info()
+        print(f"model {info.model}: max length {info.max_model_len}, vocabulary {info.vocab_size}")
+        results = [await _stream_one(client, DEMO_PROMPTS[0], 64, echo=True)]
+        print(f"\nnow {len(DEMO_PROMPTS) * 2} concurrent streams...", flush=True)
+        start = time.perf_counter()
+        results += await asyncio.gather(*[_stream_one(client, p, 64, echo=False) for p in DEMO_PROMPTS * 2])
+        wall = time.perf_counter() - start
+        status = status_to_dict(await client.cluster_status())
+    finally:
+        await client.close()
+        await cluster.stop()
+        import ray
+
+        ray.shutdown()
+    burst = results[1:]
+    tokens = sum(r["tokens"] for r in burst)
+    by_instance: dict[str, int] = {}
+    for r in results:
+        for inst in r["served_by"]:
+            by_instance[inst] = by_instance.get(inst, 0) + 1
+    print("\n=============== demo summary ===============")
+    print(f"requests completed     : {len(results)}")
+    print(f"burst of {len(burst)} streams    : {tokens} tokens in {wall:.2f}s = {tokens / wall:.1f} tok/s")
+    print(f"mean TTFT (burst)      : {1000 * sum(r['ttft'] for r in burst) / len(burst):.1f} ms")
+    print(f"mean E2E (burst)       : {1000 * sum(r['e2e'] for r in burst) / len(burst):.1f} ms")
+    print(f"requests per instance  : {by_instance}")
+    print(format_status_table(status))
+
+
+def run_demo(colocated: int = 2, port: int = 0) -> int:
+    asyncio.run(_demo(colocated, port))
+    return 0
