@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+from cluster.config import POOL_RESOURCES, EngineConfig, PoolConfig, RouterConfig, ServeConfig, TransferConfig
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -26,8 +26,23 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 def _add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join the local node); "
                                                    "default starts a local Ray instance")
-    p.add_argument("--colocated", type=int, default=1, metavar="N",
-                   help="colocated instances (prefill and decode in one engine)")
+    p.add_argument("--colocated", type=int, default=None, metavar="N",
+                   help="colocated instances, prefill and decode in one engine (default 1 unless "
+                        "--prefill/--decode are given)")
+    p.add_argument("--prefill", type=int, default=0, metavar="P", help="prefill pool instances")
+    p.add_argument("--decode", type=int, default=0, metavar="D", help="decode pool instances")
+    p.add_argument("--prefill-resource", default=POOL_RESOURCES["prefill"],
+                   help="Ray custom resource the prefill nodes advertise")
+    p.add_argument("--decode-resource", default=POOL_RESOURCES["decode"],
+                   help="Ray custom resource the decode nodes advertise")
+    t = p.add_argument_group("KV transfer")
+    t.add_argument("--kv-transport", choices=["ray", "nccl"], default="ray",
+                   help="ray: object store (CPU, any host); nccl: CuPy NCCL between GPUs")
+    t.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="deadline of one transfer, s")
+    t.add_argument("--kv-hold-timeout", type=float, default=60.0,
+                   help="a prefill frees KV nobody fetched after this many s")
+    t.add_argument("--kv-failure-policy", choices=["recompute", "fail"], default="recompute",
+                   help="on a failed or late transfer: decode prefills itself, or the request fails")
     p.add_argument("--cpus-per-instance", type=float, default=1.0)
     p.add_argument("--gpus-per-instance", type=float, default=0.0)
     p.add_argument("--host", default="0.0.0.0")
@@ -106,8 +121,23 @@ def serve_config_from_args(args) -> ServeConfig:
         default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
         actor_call_timeout_s=args.actor_timeout, startup_timeout_s=args.startup_timeout,
     )
-    pools = (PoolConfig("colocated", args.colocated, args.cpus_per_instance, args.gpus_per_instance),)
-    return ServeConfig(engine=engine, router=router, pools=pools, address=args.address)
+    disaggregated = args.prefill > 0 or args.decode > 0
+    if disaggregated and (args.prefill <= 0 or args.decode <= 0):
+        raise SystemExit("error: disaggregated serving needs both --prefill P and --decode D (>= 1 each)")
+    if disaggregated and args.colocated:
+        raise SystemExit("error: choose colocated (--colocated N) or disaggregated (--prefill/--decode) serving")
+    colocated = args.colocated if args.colocated is not None else (0 if disaggregated else 1)
+    cpus, gpus = args.cpus_per_instance, args.gpus_per_instance
+    pools = tuple(pool for pool in (
+        PoolConfig("colocated", colocated, cpus, gpus),
+        PoolConfig("prefill", args.prefill, cpus, gpus, args.prefill_resource or None),
+        PoolConfig("decode", args.decode, cpus, gpus, args.decode_resource or None),
+    ) if pool.num_instances > 0)
+    if not pools:
+        raise SystemExit("error: no instances: give --colocated N or --prefill P --decode D")
+    transfer = TransferConfig(transport=args.kv_transport, timeout_s=args.kv_transfer_timeout,
+                              hold_timeout_s=args.kv_hold_timeout, failure_policy=args.kv_failure_policy)
+    return ServeConfig(engine=engine, router=router, pools=pools, transfer=transfer, address=args.address)
 
 
 def demo_target() -> str:

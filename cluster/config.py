@@ -52,6 +52,30 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """KV-cache transfer between instances (prefill -> decode, and later decode -> decode)."""
+
+    # ray: Ray's object store (CPU, one host or many); nccl: CuPy NCCL (GPUs).
+    transport: str = "ray"
+    # Deadline for one request's KV to arrive at the destination.
+    timeout_s: float = 30.0
+    # A source frees blocks nobody fetched after this long (the destination died).
+    hold_timeout_s: float = 60.0
+    # What a destination does when a transfer fails or misses its deadline:
+    # recompute (prefill locally, the request still succeeds) or fail (error to the client).
+    failure_policy: str = "recompute"
+
+    def __post_init__(self):
+        if self.transport not in ("ray", "nccl"):
+            raise ValueError(f"unknown KV transport {self.transport!r}: choose ray or nccl")
+        if self.failure_policy not in ("recompute", "fail"):
+            raise ValueError(f"unknown transfer failure policy {self.failure_policy!r}: recompute or fail")
+
+
+POOL_RESOURCES = {"prefill": "disagg_prefill", "decode": "disagg_decode", "colocated": None}
+
+
+@dataclass(frozen=True)
 class PoolConfig:
     """Instances of one role and the Ray resources each one asks for."""
 
@@ -86,6 +110,7 @@ class ServeConfig:
 
     engine: EngineConfig
     router: RouterConfig = field(default_factory=RouterConfig)
+    transfer: TransferConfig = field(default_factory=TransferConfig)
     pools: tuple[PoolConfig, ...] = (PoolConfig(role="colocated", num_instances=1),)
     # Ray cluster address; None starts a local Ray instance.
     address: str | None = None

@@ -52,10 +52,15 @@ def coalesce(deltas: list[TokenDelta]) -> list[TokenDelta]:
 
 
 class EngineLoop:
-    def __init__(self, config: EngineConfig, instance_id: str, engine=None):
+    def __init__(self, config: EngineConfig, instance_id: str, engine=None, kv_transfer=None, agent=None):
         self.config = config
         self.instance_id = instance_id
-        self.engine = engine if engine is not None else va.build_engine(config)
+        # The KV agent (prefill/decode roles) must exist before vLLM builds its connector.
+        self.agent = agent
+        self._wake = threading.Event()
+        if agent is not None:
+            agent.on_event = self._wake.set
+        self.engine = engine if engine is not None else va.build_engine(config, kv_transfer)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: list[TokenDelta] = []
         self._cond = threading.Condition()
@@ -67,6 +72,8 @@ class EngineLoop:
         self._steps = 0
         self._tokens = 0
         self._finished = 0
+        self._prompt_tokens_computed = 0
+        self._awaiting_first: set[str] = set()
         self._load = self._measure_load()
         self._thread = threading.Thread(target=self._run, name=f"engine-{instance_id}", daemon=True)
         self._thread.start()
@@ -75,9 +82,11 @@ class EngineLoop:
     def add(self, request: EngineRequest) -> None:
         self._check_alive()
         self._commands.put(_Add(request))
+        self._wake.set()
 
     def abort(self, request_ids) -> None:
         self._commands.put(_Abort(tuple(request_ids)))
+        self._wake.set()
 
     def poll(self, timeout_s: float) -> StepBatch:
         """Every delta since the last poll; waits up to timeout_s for the first one."""
@@ -121,7 +130,7 @@ class EngineLoop:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        self._commands.put(None)
+        self._wake.set()
         self._thread.join(timeout_s)
         with self._cond:
             self._cond.notify_all()
@@ -136,12 +145,16 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                busy = self.engine.has_unfinished_requests()
-                self._drain_commands(block=not busy)
-                if self._stop.is_set():
-                    break
-                if self.engine.has_unfinished_requests():
-                    self._step()
+                if self.agent is not None:
+                    self.agent.expire_holds()
+                self._drain_commands()
+                if va.has_work(self.engine):
+                    produced = self._step()
+                    if not produced and va.num_running(self.engine) == 0:
+                        # Only requests waiting for KV (or hand-offs to settle): don't spin.
+                        self._idle(0.005)
+                else:
+                    self._idle(0.1)
                 self._load = self._measure_load()
         except Exception as exc:  # the engine is unusable: fail every live request loudly
             log.exception("engine %s failed", self.instance_id)
@@ -150,15 +163,15 @@ class EngineLoop:
             self._live.clear()
             traceback.print_exc()
 
-    def _drain_commands(self, block: bool) -> None:
-        timeout = 0.1 if block else None
+    def _idle(self, timeout_s: float) -> None:
+        self._wake.wait(timeout_s)
+        self._wake.clear()
+
+    def _drain_commands(self) -> None:
         while True:
             try:
-                cmd = self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+                cmd = self._commands.get_nowait()
             except queue.Empty:
-                return
-            timeout = None
-            if cmd is None:
                 return
             if isinstance(cmd, _Add):
                 self._add(cmd.request)
@@ -170,12 +183,14 @@ class EngineLoop:
             self.engine.add_request(
                 request.request_id,
                 {"prompt_token_ids": list(request.prompt_token_ids)},
-                va.to_sampling_params(request.sampling),
+                va.to_sampling_params(request.sampling, request.kv_transfer),
+                priority=-request.priority,  # vLLM serves lower values first
             )
         except Exception as exc:  # vLLM rejected it: report, keep serving the rest
             self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))])
             return
         self._live.add(request.request_id)
+        self._awaiting_first.add(request.request_id)
 
     def _abort(self, request_ids) -> None:
         live = [r for r in request_ids if r in self._live]
@@ -183,10 +198,11 @@ class EngineLoop:
             return
         self.engine.abort_request(live)
         self._live.difference_update(live)
+        self._awaiting_first.difference_update(live)
         self._finished += len(live)
         self._emit([TokenDelta(r, [], True, "abort") for r in live])
 
-    def _step(self) -> None:
+    def _step(self) -> int:
         outputs = self.engine.step()
         self._steps += 1
         deltas = []
@@ -197,16 +213,22 @@ class EngineLoop:
             new_ids = list(completion.token_ids)
             self._tokens += len(new_ids)
             delta = TokenDelta(out.request_id, new_ids)
+            if out.request_id in self._awaiting_first and new_ids:
+                self._awaiting_first.discard(out.request_id)
+                delta.num_cached_tokens = out.num_cached_tokens or 0
+                self._prompt_tokens_computed += len(out.prompt_token_ids or ()) - delta.num_cached_tokens
             if out.finished:
                 delta.finished = True
                 delta.finish_reason = completion.finish_reason or "stop"
                 if isinstance(completion.stop_reason, int):
                     delta.stop_token_id = completion.stop_reason
                 self._live.discard(out.request_id)
+                self._awaiting_first.discard(out.request_id)
                 self._finished += 1
             deltas.append(delta)
         if deltas:
             self._emit(deltas)
+        return len(deltas)
 
     def _emit(self, deltas: list[TokenDelta]) -> None:
         routed = []
@@ -233,4 +255,6 @@ class EngineLoop:
             steps=self._steps,
             tokens_generated=self._tokens,
             requests_finished=self._finished,
+            prompt_tokens_computed=self._prompt_tokens_computed,
+            kv=self.agent.stats_snapshot() if self.agent is not None else {},
         )

@@ -26,10 +26,29 @@ def init_ray(config: ServeConfig) -> None:
         return
     if config.address:
         ray.init(address=config.address, log_to_driver=True)
+        check_pool_resources(config)
         return
     needed = sum(p.num_cpus * p.num_instances for p in config.pools)
-    ray.init(num_cpus=config.local_num_cpus or max(2, needed), include_dashboard=False,
-             log_to_driver=True)
+    # A local Ray instance is one node serving every pool: it advertises all pool resources.
+    resources = {p.resource: p.num_instances for p in config.pools if p.resource and p.num_instances}
+    ray.init(num_cpus=config.local_num_cpus or max(2, needed), resources=resources,
+             include_dashboard=False, log_to_driver=True)
+
+
+def check_pool_resources(config: ServeConfig) -> None:
+    """On a real cluster, fail fast (not hang) when no node advertises a pool's resource."""
+    import ray
+
+    available = ray.cluster_resources()
+    for pool in config.pools:
+        if not pool.resource or pool.num_instances == 0:
+            continue
+        have = available.get(pool.resource, 0)
+        if have < pool.num_instances:
+            raise RuntimeError(
+                f"the {pool.role} pool needs {pool.num_instances} x resource {pool.resource!r}, but the Ray "
+                f"cluster advertises {have:g}; start its nodes with "
+                f"ray start --resources='{{\"{pool.resource}\": N}}'")
 
 
 def load_tokenizer(model: str):
@@ -78,7 +97,7 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
     for pool in config.pools:
         for index in range(pool.num_instances):
             instance_id = f"{pool.role}-{index}"
-            actors.append(spawn_worker(config.engine, pool, instance_id))
+            actors.append(spawn_worker(config.engine, pool, instance_id, config.transfer))
             ids.append(instance_id)
     _say(f"starting {len(actors)} engine instance(s): {', '.join(ids)}")
     started = time.monotonic()

@@ -30,6 +30,8 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
     priority: int = 0
+    # Connector parameters (cluster/kv_connector.py), e.g. {"do_remote_decode": True, ...}.
+    kv_transfer: dict | None = None
 
 
 @dataclass
@@ -44,6 +46,8 @@ class TokenDelta:
     # The stop token id that ended the request, if any.
     stop_token_id: int | None = None
     error: str | None = None
+    # Prompt tokens this engine did not compute (prefix cache or transferred KV); first delta only.
+    num_cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class LoadReport:
     steps: int = 0
     tokens_generated: int = 0
     requests_finished: int = 0
+    # Prompt tokens this engine computed itself (not transferred or cached), cumulative.
+    prompt_tokens_computed: int = 0
+    # KV transfer counters (cumulative) of this instance's agent, if it has one.
+    kv: dict = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
 
     @property

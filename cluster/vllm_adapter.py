@@ -27,7 +27,22 @@ def check_vllm_version() -> str:
     return vllm.__version__
 
 
-def build_engine(config: EngineConfig):
+def kv_transfer_config(role: str, agent_id: str, failure_policy: str):
+    """vLLM's KVTransferConfig that loads our connector for a prefill or decode engine."""
+    from vllm.config import KVTransferConfig
+
+    from cluster.kv_connector import CONNECTOR_CLASS, CONNECTOR_MODULE
+
+    return KVTransferConfig(
+        kv_connector=CONNECTOR_CLASS,
+        kv_connector_module_path=CONNECTOR_MODULE,
+        kv_role={"prefill": "kv_producer", "decode": "kv_both"}[role],
+        kv_connector_extra_config={"agent_id": agent_id},
+        kv_load_failure_policy=failure_policy,
+    )
+
+
+def build_engine(config: EngineConfig, kv_transfer=None):
     """An LLMEngine whose engine core lives in this process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     check_vllm_version()
@@ -39,6 +54,8 @@ def build_engine(config: EngineConfig):
     if current_platform.is_cpu():
         # The CPU platform sizes its KV cache in bytes, not as a memory fraction.
         kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * GIB)
+    if kv_transfer is not None:
+        kwargs["kv_transfer_config"] = kv_transfer
     return LLMEngine.from_engine_args(EngineArgs(**kwargs))
 
 
@@ -63,6 +80,10 @@ def num_free_blocks(engine) -> int:
     return block_pool(engine).get_num_free_blocks()
 
 
+def num_running(engine) -> int:
+    return len(scheduler(engine).running)
+
+
 def queue_snapshot(engine) -> tuple[int, int, int]:
     """(running, waiting, prompt tokens not yet computed) from the scheduler's queues."""
     sched = scheduler(engine)
@@ -70,6 +91,11 @@ def queue_snapshot(engine) -> tuple[int, int, int]:
     for request in list(sched.running) + list(sched.waiting):
         queued += max(0, request.num_prompt_tokens - request.num_computed_tokens)
     return len(sched.running), len(sched.waiting), queued
+
+
+def has_work(engine) -> bool:
+    """Unfinished requests, or finished ones whose KV hand-off still needs engine steps."""
+    return scheduler(engine).has_requests()
 
 
 def block_size(engine) -> int:
@@ -84,7 +110,7 @@ def vocab_size(engine) -> int:
     return engine.model_config.get_vocab_size()
 
 
-def to_sampling_params(sampling: Sampling):
+def to_sampling_params(sampling: Sampling, kv_transfer_params: dict | None = None):
     """vLLM SamplingParams that emit token ids only, as per-step deltas."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -102,4 +128,5 @@ def to_sampling_params(sampling: Sampling):
         detokenize=False,
         skip_special_tokens=False,
         output_kind=RequestOutputKind.DELTA,
+        extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
     )

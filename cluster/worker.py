@@ -1,8 +1,8 @@
 """EngineWorker: the Ray actor around one EngineLoop.
 
 A colocated worker (both phases, plain vLLM) is this actor with role "colocated"; it is the
-baseline of every benchmark and a serving mode of its own. Prefill and decode workers build
-on the same actor.
+baseline of every benchmark and a serving mode of its own. The prefill and decode workers
+(prefill_worker/, decode_worker/) extend it with a KV transfer agent.
 """
 
 from __future__ import annotations
@@ -11,24 +11,33 @@ import logging
 import os
 
 from cluster import vllm_adapter as va
-from cluster.config import EngineConfig, PoolConfig
+from cluster.config import EngineConfig, PoolConfig, TransferConfig
 from cluster.engine import EngineLoop
 from cluster.protocol import EngineRequest, InstanceInfo, LoadReport, StepBatch
 
 log = logging.getLogger(__name__)
 
 # poll() blocks a thread while it waits for output; the rest of the calls must not queue behind it.
-ACTOR_CONCURRENCY = 8
+ACTOR_CONCURRENCY = 16
 
 
 class EngineWorker:
-    def __init__(self, config: EngineConfig, instance_id: str, role: str = "colocated"):
+    role = "colocated"
+
+    def __init__(self, config: EngineConfig, instance_id: str, transfer: TransferConfig | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         logging.basicConfig(level=logging.INFO)
         self.config = config
         self.instance_id = instance_id
-        self.role = role
-        self.loop = EngineLoop(config, instance_id)
+        self.transfer = transfer or TransferConfig()
+        self.agent = self._make_agent()
+        kv_config = None
+        if self.agent is not None:
+            kv_config = va.kv_transfer_config(self.role, self.agent.agent_id, self.transfer.failure_policy)
+        self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, agent=self.agent)
+
+    def _make_agent(self):
+        return None  # colocated engines move no KV
 
     def info(self) -> InstanceInfo:
         import ray
@@ -66,17 +75,54 @@ class EngineWorker:
 
     def shutdown(self) -> None:
         self.loop.stop()
+        if self.agent is not None:
+            self.agent.shutdown()
 
 
-def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str):
+def _make_kv_agent(instance_id: str, transfer: TransferConfig):
+    from cluster.kv_agent import KVTransferAgent, register_agent
+    from cluster.kv_transport import make_transport
+
+    agent = KVTransferAgent(instance_id, make_transport(transfer.transport), timeout_s=transfer.timeout_s,
+                            hold_timeout_s=transfer.hold_timeout_s)
+    register_agent(agent)
+    return agent
+
+
+class KVWorkerMixin:
+    """What every worker that moves KV exposes: export and release of held blocks."""
+
+    def _make_agent(self):
+        return _make_kv_agent(self.instance_id, self.transfer)
+
+    def kv_export(self, transfer_id: str) -> dict | None:
+        return self.agent.export(transfer_id)
+
+    def kv_release(self, transfer_id: str) -> bool:
+        return self.agent.release(transfer_id)
+
+
+def worker_class(role: str):
+    if role == "prefill":
+        from prefill_worker.worker import PrefillWorker
+
+        return PrefillWorker
+    if role == "decode":
+        from decode_worker.worker import DecodeWorker
+
+        return DecodeWorker
+    return EngineWorker
+
+
+def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig):
     """Start one worker actor of `pool` (returns its handle at once; call info() to wait)."""
     import ray
 
     resources = {pool.resource: 1} if pool.resource else None
-    actor_cls = ray.remote(EngineWorker)
+    actor_cls = ray.remote(worker_class(pool.role))
     return actor_cls.options(
         num_cpus=pool.num_cpus,
         num_gpus=pool.num_gpus,
         resources=resources,
         max_concurrency=ACTOR_CONCURRENCY,
-    ).remote(config, instance_id, pool.role)
+    ).remote(config, instance_id, transfer)

@@ -142,8 +142,30 @@ class InstanceLoad(_message.Message):
     kv_usage: float
     def __init__(self, num_total_blocks: _Optional[int] = ..., num_free_blocks: _Optional[int] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_prompt_tokens: _Optional[int] = ..., kv_usage: _Optional[float] = ...) -> None: ...
 
+class KVTransferStats(_message.Message):
+    __slots__ = ("bytes_received", "bytes_sent", "transfers_in", "transfers_out", "failures", "expired_holds", "seconds_in_total", "last_latency_s", "blocks_held")
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_IN_FIELD_NUMBER: _ClassVar[int]
+    TRANSFERS_OUT_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_HOLDS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_IN_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    LAST_LATENCY_S_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_HELD_FIELD_NUMBER: _ClassVar[int]
+    bytes_received: int
+    bytes_sent: int
+    transfers_in: int
+    transfers_out: int
+    failures: int
+    expired_holds: int
+    seconds_in_total: float
+    last_latency_s: float
+    blocks_held: int
+    def __init__(self, bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transfers_in: _Optional[int] = ..., transfers_out: _Optional[int] = ..., failures: _Optional[int] = ..., expired_holds: _Optional[int] = ..., seconds_in_total: _Optional[float] = ..., last_latency_s: _Optional[float] = ..., blocks_held: _Optional[int] = ...) -> None: ...
+
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated")
+    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +173,9 @@ class InstanceStatus(_message.Message):
     LOAD_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    DEATH_REASON_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     state: str
@@ -158,18 +183,23 @@ class InstanceStatus(_message.Message):
     load: InstanceLoad
     requests_served: int
     tokens_generated: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    prompt_tokens_computed: int
+    kv_transfer: KVTransferStats
+    death_reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s")
+    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     requests_in_flight: int
     requests_total: int
     uptime_s: float
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ...) -> None: ...
+    mode: str
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., mode: _Optional[str] = ...) -> None: ...

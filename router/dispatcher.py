@@ -1,4 +1,4 @@
-"""Least-loaded dispatch over the ready instances of a pool (pure logic, no engines)."""
+"""Dispatch over the ready instances of a pool (pure logic, no engines)."""
 
 from __future__ import annotations
 
@@ -24,3 +24,18 @@ def least_loaded(candidates: list[Candidate]) -> str | None:
         key=lambda c: (c.in_flight, c.queued_prompt_tokens, -c.num_free_blocks, c.instance_id),
     )
     return best.instance_id
+
+
+def fewest_queued_prompt_tokens(candidates: list[Candidate]) -> str | None:
+    """Prefill dispatch: the instance with the least prompt work ahead of a new request."""
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (c.queued_prompt_tokens, c.in_flight, c.instance_id)).instance_id
+
+
+def freest(candidates: list[Candidate]) -> str | None:
+    """Decode dispatch: most free KV blocks per running request (counting the new one)."""
+    if not candidates:
+        return None
+    return min(candidates,
+               key=lambda c: (-c.num_free_blocks / (c.in_flight + 1), c.in_flight, c.instance_id)).instance_id

@@ -21,6 +21,8 @@ class Instance:
     state: InstanceState = InstanceState.READY
     load: LoadReport | None = None
     in_flight: set[str] = field(default_factory=set)
+    # Prompt tokens of requests placed here whose first token has not come back (prefill work).
+    queued_prompt_tokens: int = 0
     requests_served: int = 0
     death_reason: str | None = None
 

@@ -19,11 +19,17 @@ class RequestState:
     arrival: float = field(default_factory=time.monotonic)
     # Deltas from the engines, in order, for this request's stream.
     deltas: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Where the request runs now; its deltas are accepted from that instance only.
     instance_id: str | None = None
     served_by: list[str] = field(default_factory=list)
+    # prefill -> decode for disaggregated requests; single when one engine serves it all.
+    phase: str = "single"
+    prefill_instance_id: str | None = None
+    output_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
     first_token_at: float | None = None
     last_token_at: float | None = None
+    handoff_at: float | None = None
     abort_requested: bool = False
     finished: bool = False
 

@@ -1,9 +1,16 @@
 """Router core: places requests on instances, pumps per-step token batches back from every
-instance, and turns them into one client stream per request (text, stop strings, usage)."""
+instance, and turns them into one client stream per request (text, stop strings, usage).
+
+Colocated mode: one engine serves a request from prompt to finish. Disaggregated mode: a
+prefill instance computes the prompt and the first token; the router then hands the request
+(prompt + first token) to a decode instance, which pulls the prompt's KV from the prefill
+instance and decodes the rest. The client sees one stream.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -14,7 +21,7 @@ import grpc
 from cluster.config import RouterConfig
 from cluster.protocol import EngineRequest, TokenDelta
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from router.dispatcher import Candidate, least_loaded
+from router.dispatcher import Candidate, fewest_queued_prompt_tokens, freest, least_loaded
 from router.errors import RequestError
 from router.instances import Instance, InstanceState
 from router.metrics import RouterMetrics
@@ -49,11 +56,13 @@ class Router:
         self.started_at = time.time()
         self._pumps: list[asyncio.Task] = []
         self._stopping = False
+        roles = {i.role for i in instances}
+        self.disaggregated = {"prefill", "decode"} <= roles
 
     # ---- lifecycle ----
     def start(self) -> None:
+        self.metrics.watch(self)
         for inst in self.instances.values():
-            self.metrics.instance_up.labels(inst.instance_id, inst.role).set(1)
             self._pumps.append(asyncio.create_task(self._pump(inst), name=f"pump-{inst.instance_id}"))
 
     async def stop(self) -> None:
@@ -61,6 +70,9 @@ class Router:
         for task in self._pumps:
             task.cancel()
         await asyncio.gather(*self._pumps, return_exceptions=True)
+
+    def ready(self, role: str) -> list[Instance]:
+        return [i for i in self.instances.values() if i.ready and i.role == role]
 
     # ---- requests ----
     async def generate(self, request: ValidatedRequest):
@@ -91,37 +103,81 @@ class Router:
 
     async def abort(self, request_id: str) -> None:
         state = self.table.get(request_id)
-        if state is None:
+        if state is None or state.finished:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no in-flight request with id {request_id!r}")
         state.abort_requested = True
+        # End the stream here, whatever phase the request is in; the engine side follows.
+        state.deltas.put_nowait(TokenDelta(request_id, [], True, "abort"))
         inst = self.instances.get(state.instance_id) if state.instance_id else None
-        if inst is not None:
+        if inst is not None and inst.ready:
             await self._call(inst.actor.abort.remote([request_id]))
-        else:  # not placed yet: end the stream directly
-            state.deltas.put_nowait(TokenDelta(request_id, [], True, "abort"))
 
     async def _place(self, state: RequestState) -> None:
-        ready = [i for i in self.instances.values() if i.ready]
-        chosen = least_loaded([
-            Candidate(i.instance_id, len(i.in_flight),
-                      i.load.num_free_blocks if i.load else 0,
-                      i.load.queued_prompt_tokens if i.load else 0)
-            for i in ready
-        ])
-        if chosen is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "no serving instance is available")
-        inst = self.instances[chosen]
         req = state.request
-        state.instance_id = chosen
-        inst.in_flight.add(state.request_id)
+        if self.disaggregated and req.sampling.max_tokens > 1:
+            await self._place_prefill(state)
+            return
+        role = "prefill" if self.disaggregated else "colocated"
+        inst = self._pick(role, least_loaded)
         engine_request = EngineRequest(state.request_id, req.prompt_token_ids, req.sampling, req.priority)
+        await self._add(inst, state, engine_request, inst.actor.add_request.remote(engine_request))
+
+    async def _place_prefill(self, state: RequestState) -> None:
+        req = state.request
+        inst = self._pick("prefill", fewest_queued_prompt_tokens)
+        sampling = dataclasses.replace(req.sampling, max_tokens=1, min_tokens=min(1, req.sampling.min_tokens))
+        engine_request = EngineRequest(state.request_id, req.prompt_token_ids, sampling, req.priority,
+                                       kv_transfer={"do_remote_decode": True, "transfer_id": state.request_id})
+        state.phase = "prefill"
+        state.prefill_instance_id = inst.instance_id
+        inst.queued_prompt_tokens += len(req.prompt_token_ids)
         try:
-            await self._call(inst.actor.add_request.remote(engine_request))
+            await self._add(inst, state, engine_request, inst.actor.add_request.remote(engine_request))
+        except RequestError:
+            inst.queued_prompt_tokens -= len(req.prompt_token_ids)
+            raise
+
+    async def _handoff(self, state: RequestState) -> None:
+        """Prefill done: move the request (prompt + tokens so far) to a decode instance."""
+        req = state.request
+        source = self.instances[state.prefill_instance_id]
+        target = self._pick("decode", freest)
+        done = len(state.output_token_ids)
+        sampling = dataclasses.replace(req.sampling, max_tokens=req.sampling.max_tokens - done,
+                                       min_tokens=max(0, req.sampling.min_tokens - done))
+        engine_request = EngineRequest(state.request_id, req.prompt_token_ids + tuple(state.output_token_ids),
+                                       sampling, req.priority,
+                                       kv_transfer={"do_remote_prefill": True, "transfer_id": state.request_id})
+        self._leave(source, state)
+        state.phase = "decode"
+        state.handoff_at = time.monotonic()
+        ref = target.actor.add_transferred.remote(engine_request, source.actor, len(req.prompt_token_ids))
+        await self._add(target, state, engine_request, ref)
+
+    def _pick(self, role: str, policy) -> Instance:
+        candidates = [Candidate(i.instance_id, len(i.in_flight), i.load.num_free_blocks if i.load else 0,
+                                i.queued_prompt_tokens) for i in self.ready(role)]
+        chosen = policy(candidates)
+        if chosen is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no {role} instance is available")
+        return self.instances[chosen]
+
+    async def _add(self, inst: Instance, state: RequestState, engine_request: EngineRequest, ref) -> None:
+        state.instance_id = inst.instance_id
+        inst.in_flight.add(state.request_id)
+        try:
+            await self._call(ref)
         except Exception as exc:
             inst.in_flight.discard(state.request_id)
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"instance {chosen} did not accept the request: {exc}") from exc
-        state.served_by.append(chosen)
+                               f"instance {inst.instance_id} did not accept the request: {exc}") from exc
+        state.served_by.append(inst.instance_id)
+
+    def _leave(self, inst: Instance, state: RequestState) -> None:
+        inst.in_flight.discard(state.request_id)
+        inst.requests_served += 1
+        if state.phase == "prefill":
+            inst.queued_prompt_tokens -= len(state.request.prompt_token_ids)
 
     async def _stream(self, state: RequestState):
         req = state.request
@@ -134,24 +190,28 @@ class Router:
                                    f"instance {state.instance_id} failed the request: {delta.error}")
             if delta.finish_reason == "dead":
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, delta.error or "instance died")
-            now = time.monotonic()
-            self._observe_tokens(state, len(delta.token_ids), now)
+            self._observe_tokens(state, delta.token_ids, time.monotonic())
+            # A prefill that ran to its one-token limit is not the end of the request.
+            hand_off = (state.phase == "prefill" and delta.finished and delta.finish_reason == "length")
+            final = delta.finished and not hand_off
             text = detok.push(delta.token_ids)
-            if delta.finished:
+            if final:
                 text += detok.flush()
-            match = stops.feed(text, final=delta.finished)
+            match = stops.feed(text, final=final)
             chunk = Chunk(state.request_id, list(delta.token_ids), match.text)
             if match.stopped_on is not None:
                 # The engine would keep generating past a stop string it never saw.
                 self._abort_quietly(state)
                 self._finish(chunk, state, "stop", match.stopped_on)
-            elif delta.finished:
+            elif final:
                 stop_reason = str(delta.stop_token_id) if delta.stop_token_id is not None else ""
                 self._finish(chunk, state, delta.finish_reason, stop_reason)
             if chunk.token_ids or chunk.text or chunk.finished:
                 yield chunk
             if chunk.finished:
                 return
+            if hand_off:
+                await self._handoff(state)
 
     def _finish(self, chunk: Chunk, state: RequestState, reason: str, stop_reason: str) -> None:
         state.finished = True
@@ -166,14 +226,19 @@ class Router:
         if state.first_token_at is not None and state.num_output_tokens > 1:
             self.metrics.tpot.observe((now - state.first_token_at) / (state.num_output_tokens - 1))
 
-    def _observe_tokens(self, state: RequestState, n: int, now: float) -> None:
+    def _observe_tokens(self, state: RequestState, token_ids: list[int], now: float) -> None:
+        n = len(token_ids)
         if n <= 0:
             return
+        state.output_token_ids.extend(token_ids)
         if state.first_token_at is None:
             state.first_token_at = now
             self.metrics.ttft.observe(now - state.arrival)
         elif state.last_token_at is not None:
             self.metrics.itl.observe((now - state.last_token_at) / n)
+        if state.handoff_at is not None:
+            self.metrics.handoff.observe(now - state.handoff_at)
+            state.handoff_at = None
         state.last_token_at = now
         state.num_output_tokens += n
         self.metrics.generation_tokens.inc(n)
@@ -182,16 +247,24 @@ class Router:
         if not state.finished:
             self._abort_quietly(state)  # client went away or the stream failed
         inst = self.instances.get(state.instance_id) if state.instance_id else None
-        if inst is not None:
-            inst.in_flight.discard(state.request_id)
-            inst.requests_served += 1
+        if inst is not None and state.request_id in inst.in_flight:
+            self._leave(inst, state)
+        if state.prefill_instance_id is not None:
+            # Idempotent: frees the prefill's held blocks if no decode instance fetched them.
+            source = self.instances[state.prefill_instance_id]
+            if source.ready:
+                self._fire(source.actor.kv_release.remote(state.request_id))
         self.table.remove(state.request_id)
 
     def _abort_quietly(self, state: RequestState) -> None:
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is None or not inst.ready:
             return
-        task = asyncio.get_running_loop().create_task(self._call(inst.actor.abort.remote([state.request_id])))
+        self._fire(inst.actor.abort.remote([state.request_id]))
+
+    def _fire(self, ref) -> None:
+        """A best-effort call with a deadline whose result nobody waits for."""
+        task = asyncio.get_running_loop().create_task(self._call(ref))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def _call(self, ref):
@@ -210,7 +283,6 @@ class Router:
                 self._mark_dead(inst, f"poll failed: {type(exc).__name__}: {exc}")
                 return
             inst.load = batch.load
-            self.metrics.observe_load(inst.instance_id, inst.role, batch.load)
             for delta in batch.deltas:
                 state = self.table.get(delta.request_id)
                 if state is not None and state.instance_id == inst.instance_id:
@@ -225,7 +297,6 @@ class Router:
         log.error("instance %s is dead: %s", inst.instance_id, reason)
         inst.state = InstanceState.DEAD
         inst.death_reason = reason
-        self.metrics.instance_up.labels(inst.instance_id, inst.role).set(0)
         for request_id in list(inst.in_flight):
             state = self.table.get(request_id)
             if state is not None:

@@ -17,6 +17,7 @@ from router.validation import Limits, validate
 
 log = logging.getLogger(__name__)
 
+_KV_FIELDS = set(pb.KVTransferStats.DESCRIPTOR.fields_by_name)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DisaggServe"].full_name
 _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -84,15 +85,21 @@ class DisaggServeServicer(pb_grpc.DisaggServeServicer):
             requests_in_flight=len(r.table),
             requests_total=r.requests_total,
             uptime_s=time.time() - r.started_at,
+            mode="disaggregated" if r.disaggregated else "colocated",
         )
         for inst in r.instances.values():
             entry = status.instances.add(
                 instance_id=inst.instance_id, role=inst.role, state=inst.state.value,
                 node_id=inst.info.node_id, requests_served=inst.requests_served,
+                death_reason=inst.death_reason or "",
             )
             if inst.load is not None:
                 load = inst.load
                 entry.tokens_generated = load.tokens_generated
+                entry.prompt_tokens_computed = load.prompt_tokens_computed
+                if load.kv:
+                    entry.kv_transfer.CopyFrom(pb.KVTransferStats(
+                        **{k: v for k, v in load.kv.items() if k in _KV_FIELDS}))
                 entry.load.CopyFrom(pb.InstanceLoad(
                     num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
                     num_running=load.num_running, num_waiting=load.num_waiting,

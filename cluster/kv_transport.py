@@ -1,0 +1,67 @@
+"""The KV transport interface: how a request's KV blocks move from a source engine to a
+destination engine. One implementation per module: kv_transport_ray (CPU, any host) and
+kv_transport_nccl (GPU, CuPy's NCCL binding).
+
+The destination drives a transfer (pull): it has allocated blocks for the request, asks the
+source actor for the request's blocks, and writes them into its own cache. Either way the
+source keeps the blocks allocated until it is told to release them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cluster.kv_layout import KVCacheView
+
+
+class TransferError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TransferResult:
+    transfer_id: str
+    num_blocks: int
+    num_bytes: int
+    seconds: float
+
+
+class KVTransport(abc.ABC):
+    name: str = ""
+
+    @abc.abstractmethod
+    def fetch(self, source, transfer_id: str, cache: KVCacheView, block_ids: list[int],
+              timeout_s: float) -> int:
+        """Copies the source's blocks of `transfer_id` into `block_ids` of `cache`; returns bytes.
+        `source` is the source worker's actor handle. Raises TransferError or TimeoutError."""
+
+
+def tensor_to_wire(t: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:
+    """A byte view numpy can carry for any dtype (numpy has no bfloat16)."""
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape)
+
+
+def tensor_from_wire(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(data)
+    return raw.view(getattr(torch, dtype)).reshape(shape)
+
+
+def make_transport(name: str) -> KVTransport:
+    if name == "ray":
+        from cluster.kv_transport_ray import RayObjectTransport
+
+        return RayObjectTransport()
+    if name == "nccl":
+        from cluster.kv_transport_nccl import NcclTransport
+
+        return NcclTransport()
+    raise ValueError(f"unknown KV transport {name!r} (ray, nccl)")
