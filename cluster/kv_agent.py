@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cluster.kv_layout import KVCacheView, blocks_for_tokens
-from cluster.kv_transport import KVTransport, tensor_to_wire
+from cluster.kv_transport import KVTransport, SourceRef, tensor_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class _Hold:
 
 @dataclass
 class _Expected:
-    source: object
+    source: SourceRef
     num_tokens: int
     deadline: float
     internal_id: str | None = None
@@ -92,6 +92,7 @@ class KVTransferAgent:
         self._finished_recving: set[str] = set()
         self._failed_recving: set[str] = set()
         self._pool = ThreadPoolExecutor(max_parallel_loads, thread_name_prefix=f"kv-load-{agent_id}")
+        self._nccl_source = None
         # Set by the engine loop: wakes it when a hand-off needs an engine step.
         self.on_event = lambda: None
 
@@ -120,6 +121,23 @@ class KVTransferAgent:
             self.stats.bytes_sent += sum(a.nbytes for a, _, _ in layers)
             self.stats.transfers_out += 1
         return {"signature": self.cache.signature(), "num_tokens": hold.num_tokens, "layers": layers}
+
+    def nccl_join(self, key: str, unique_id, signature) -> bool:
+        from cluster.kv_transport_nccl import NcclSource
+
+        if self._nccl_source is None:
+            self._nccl_source = NcclSource()
+        return self._nccl_source.join(key, unique_id, signature, self.cache)
+
+    def nccl_send(self, key: str, transfer_id: str) -> bool:
+        blocks = self.held_blocks(transfer_id)
+        if blocks is None or self._nccl_source is None:
+            return False
+        self._nccl_source.send(key, self.cache, blocks)
+        with self._lock:
+            self.stats.bytes_sent += len(blocks) * self.cache.bytes_per_block
+            self.stats.transfers_out += 1
+        return True
 
     def held_blocks(self, transfer_id: str) -> list[int] | None:
         with self._lock:
@@ -159,7 +177,7 @@ class KVTransferAgent:
             return self.stats.snapshot(held)
 
     # ---- consumer ----
-    def expect(self, transfer_id: str, source, num_tokens: int) -> None:
+    def expect(self, transfer_id: str, source: SourceRef, num_tokens: int) -> None:
         """Called before the request is added to the engine: where its KV will come from."""
         with self._lock:
             self._expected[transfer_id] = _Expected(source, num_tokens, time.monotonic() + self.timeout_s)
@@ -213,7 +231,7 @@ class KVTransferAgent:
     @staticmethod
     def _release_source(source, transfer_id: str) -> None:
         try:
-            source.kv_release.remote(transfer_id)
+            source.actor.kv_release.remote(transfer_id)
         except Exception:  # the source is gone; its blocks went with it
             pass
 

@@ -23,6 +23,14 @@ class TransferError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class SourceRef:
+    """Where a request's KV lives: the source instance's id and its actor handle."""
+
+    instance_id: str
+    actor: object
+
+
+@dataclass(frozen=True)
 class TransferResult:
     transfer_id: str
     num_blocks: int
@@ -34,10 +42,10 @@ class KVTransport(abc.ABC):
     name: str = ""
 
     @abc.abstractmethod
-    def fetch(self, source, transfer_id: str, cache: KVCacheView, block_ids: list[int],
+    def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
               timeout_s: float) -> int:
         """Copies the source's blocks of `transfer_id` into `block_ids` of `cache`; returns bytes.
-        `source` is the source worker's actor handle. Raises TransferError or TimeoutError."""
+        Raises TransferError or TimeoutError."""
 
 
 def tensor_to_wire(t: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:
@@ -55,7 +63,7 @@ def tensor_from_wire(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> to
     return raw.view(getattr(torch, dtype)).reshape(shape)
 
 
-def make_transport(name: str) -> KVTransport:
+def make_transport(name: str, instance_id: str) -> KVTransport:
     if name == "ray":
         from cluster.kv_transport_ray import RayObjectTransport
 
@@ -63,5 +71,5 @@ def make_transport(name: str) -> KVTransport:
     if name == "nccl":
         from cluster.kv_transport_nccl import NcclTransport
 
-        return NcclTransport()
+        return NcclTransport(instance_id)
     raise ValueError(f"unknown KV transport {name!r} (ray, nccl)")

@@ -11,16 +11,16 @@ from __future__ import annotations
 import ray
 
 from cluster.kv_layout import KVCacheView
-from cluster.kv_transport import KVTransport, TransferError, tensor_from_wire
+from cluster.kv_transport import KVTransport, SourceRef, TransferError, tensor_from_wire
 
 
 class RayObjectTransport(KVTransport):
     name = "ray"
 
-    def fetch(self, source, transfer_id: str, cache: KVCacheView, block_ids: list[int],
+    def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
               timeout_s: float) -> int:
         try:
-            payload = ray.get(source.kv_export.remote(transfer_id), timeout=timeout_s)
+            payload = ray.get(source.actor.kv_export.remote(transfer_id), timeout=timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
             raise TimeoutError(f"KV of {transfer_id} not received within {timeout_s:.1f}s") from exc
         except ray.exceptions.RayError as exc:

@@ -83,7 +83,8 @@ def _make_kv_agent(instance_id: str, transfer: TransferConfig):
     from cluster.kv_agent import KVTransferAgent, register_agent
     from cluster.kv_transport import make_transport
 
-    agent = KVTransferAgent(instance_id, make_transport(transfer.transport), timeout_s=transfer.timeout_s,
+    agent = KVTransferAgent(instance_id, make_transport(transfer.transport, instance_id),
+                            timeout_s=transfer.timeout_s,
                             hold_timeout_s=transfer.hold_timeout_s)
     register_agent(agent)
     return agent
@@ -100,6 +101,12 @@ class KVWorkerMixin:
 
     def kv_release(self, transfer_id: str) -> bool:
         return self.agent.release(transfer_id)
+
+    def kv_nccl_join(self, key: str, unique_id, signature) -> bool:
+        return self.agent.nccl_join(key, unique_id, signature)
+
+    def kv_nccl_send(self, key: str, transfer_id: str) -> bool:
+        return self.agent.nccl_send(key, transfer_id)
 
 
 def worker_class(role: str):

@@ -151,7 +151,8 @@ class Router:
         self._leave(source, state)
         state.phase = "decode"
         state.handoff_at = time.monotonic()
-        ref = target.actor.add_transferred.remote(engine_request, source.actor, len(req.prompt_token_ids))
+        ref = target.actor.add_transferred.remote(engine_request, source.instance_id, source.actor,
+                                                  len(req.prompt_token_ids))
         await self._add(target, state, engine_request, ref)
 
     def _pick(self, role: str, policy) -> Instance:
