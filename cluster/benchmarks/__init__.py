@@ -3,4 +3,6 @@ ratio, and writes JSON and a PNG plot. Run with `disagg-serve bench-suite NAME`.
 
 STUDIES = {
     "grpc-overhead": "cluster.benchmarks.grpc_overhead",
+    "kv-transport": "cluster.benchmarks.kv_transport",
+    "disagg-vs-colocated": "cluster.benchmarks.disagg_vs_colocated",
 }

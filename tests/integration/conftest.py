@@ -87,13 +87,25 @@ def target_model(demo_models) -> str:
     return str(demo_models / "target")
 
 
-@pytest.fixture(scope="session")
-def colocated_server(target_model):
-    server = ServerProcess(["--colocated", "2", "--model", target_model, "--dtype", "float32",
-                            "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25"])
+ENGINE_ARGS = ["--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-gib", "0.25"]
+
+
+def run_server(args):
+    server = ServerProcess(args)
     yield server
     rc = server.stop()
     assert rc == 0, "server did not shut down cleanly:\n" + "".join(server.log_lines[-40:])
+
+
+@pytest.fixture(scope="module")
+def colocated_server(target_model):
+    yield from run_server(["--colocated", "2", "--model", target_model, *ENGINE_ARGS])
+
+
+@pytest.fixture(scope="module")
+def disagg_server(target_model):
+    yield from run_server(["--prefill", "1", "--decode", "1", "--model", target_model, *ENGINE_ARGS,
+                           "--kv-transfer-timeout", "20", "--kv-hold-timeout", "30"])
 
 
 @pytest.fixture(scope="session")
@@ -122,6 +134,14 @@ def client(colocated_server):
         yield c
 
 
+@pytest.fixture
+def disagg_client(disagg_server):
+    from cluster.client import Client
+
+    with Client(disagg_server.address, timeout=300) as c:
+        yield c
+
+
 def wait_idle(client, timeout_s: float = 60.0):
     """Cluster status once every instance is idle with all KV blocks free (or fail)."""
     from cluster.client import status_to_dict
@@ -129,11 +149,29 @@ def wait_idle(client, timeout_s: float = 60.0):
     deadline = time.monotonic() + timeout_s
     while True:
         status = status_to_dict(client.cluster_status())
-        loads = [i["load"] for i in status["instances"]]
+        insts = status["instances"]
         if status["requests_in_flight"] == 0 and all(
-                int(l["num_free_blocks"]) == int(l["num_total_blocks"]) and int(l["num_running"]) == 0
-                and int(l["num_waiting"]) == 0 for l in loads):
+                int(i["load"]["num_free_blocks"]) == int(i["load"]["num_total_blocks"])
+                and int(i["load"]["num_running"]) == 0 and int(i["load"]["num_waiting"]) == 0
+                and int(i.get("kv_transfer", {}).get("blocks_held", 0)) == 0 for i in insts):
             return status
         if time.monotonic() > deadline:
             raise AssertionError(f"cluster not idle after {timeout_s}s: {status}")
         time.sleep(0.2)
+
+
+def corpus_token_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
+    """`n` tokens of real text (the standard library's argparse source)."""
+    import sysconfig
+
+    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
+    ids = tokenizer.encode(text[offset:offset + 8 * n + 1000], add_special_tokens=False)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+@pytest.fixture(scope="session")
+def tokenizer(target_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(target_model)

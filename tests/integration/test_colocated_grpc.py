@@ -14,24 +14,7 @@ import grpc
 import pytest
 
 from cluster.client import AsyncClient, status_to_dict
-from tests.integration.conftest import MAX_MODEL_LEN, REPO, reference_greedy, wait_idle
-
-
-def corpus_token_ids(tokenizer, n: int, offset: int = 0) -> list[int]:
-    import sysconfig
-    from pathlib import Path
-
-    text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
-    ids = tokenizer.encode(text[offset:offset + 8 * n + 1000], add_special_tokens=False)
-    assert len(ids) >= n
-    return ids[:n]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(target_model):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(target_model)
+from tests.integration.conftest import MAX_MODEL_LEN, REPO, corpus_token_ids, reference_greedy, wait_idle
 
 
 def test_greedy_equals_plain_vllm(client, reference_llm, tokenizer):
