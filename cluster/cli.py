@@ -24,6 +24,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML serving config (see cluster/config_file.py); flags given here win")
     p.add_argument("--address", default=None, help="Ray cluster address ('auto' to join the local node); "
                                                    "default starts a local Ray instance")
     p.add_argument("--colocated", type=int, default=None, metavar="N",
@@ -250,8 +252,32 @@ COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "model
             "demo": cmd_demo}
 
 
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line; for `up`, a --config file supplies defaults that flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "up" and args.config:
+        from cluster.config_file import ConfigFileError, load_config_file
+
+        up = _subparser(parser, "up")
+        valid = {a.dest for a in up._actions if a.dest not in ("help", "config")}
+        try:
+            up.set_defaults(**load_config_file(args.config, valid))
+        except ConfigFileError as exc:
+            parser.error(str(exc))
+        args = parser.parse_args(argv)
+    return args
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return COMMANDS[args.command](args)
 
 
