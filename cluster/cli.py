@@ -7,7 +7,8 @@ import json
 import os
 import sys
 
-from cluster.config import POOL_RESOURCES, EngineConfig, PoolConfig, RouterConfig, ServeConfig, TransferConfig
+from cluster.config import (POOL_RESOURCES, EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig,
+                            TransferConfig)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -37,6 +38,17 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
                    help="Ray custom resource the prefill nodes advertise")
     p.add_argument("--decode-resource", default=POOL_RESOURCES["decode"],
                    help="Ray custom resource the decode nodes advertise")
+    sp = p.add_argument_group("speculative decoding (decode-side engines)")
+    sp.add_argument("--spec-draft-model", default=None, metavar="DIR",
+                    help="draft model directory ('demo' for the demo draft); off when unset")
+    sp.add_argument("--spec-k", type=int, default=3, help="window k (default budget: k per request)")
+    sp.add_argument("--spec-extra", type=int, default=1, help="extra proposals e (draft proposes k+e)")
+    sp.add_argument("--spec-capacity", type=int, default=None,
+                    help="verification budget in draft tokens per step (default N*k)")
+    sp.add_argument("--tetris", action=argparse.BooleanOptionalAction, default=True,
+                    help="TETRIS draft selection (--no-tetris: plain window k)")
+    sp.add_argument("--tetris-min-batch", type=int, default=2,
+                    help="below this batch size every request verifies plain window k")
     t = p.add_argument_group("KV transfer")
     t.add_argument("--kv-transport", choices=["ray", "nccl"], default="ray",
                    help="ray: object store (CPU, any host); nccl: CuPy NCCL between GPUs")
@@ -139,13 +151,25 @@ def serve_config_from_args(args) -> ServeConfig:
         raise SystemExit("error: no instances: give --colocated N or --prefill P --decode D")
     transfer = TransferConfig(transport=args.kv_transport, timeout_s=args.kv_transfer_timeout,
                               hold_timeout_s=args.kv_hold_timeout, failure_policy=args.kv_failure_policy)
-    return ServeConfig(engine=engine, router=router, pools=pools, transfer=transfer, address=args.address)
+    draft = args.spec_draft_model
+    if draft == "demo":
+        draft = demo_draft()
+    spec = SpecConfig(draft_model=draft, k=args.spec_k, extra=args.spec_extra, capacity=args.spec_capacity,
+                      tetris=args.tetris, min_batch_size=args.tetris_min_batch)
+    return ServeConfig(engine=engine, router=router, pools=pools, transfer=transfer, spec=spec,
+                       address=args.address)
 
 
 def demo_target() -> str:
     from cluster.models import build_demo_models
 
     return str(build_demo_models() / "target")
+
+
+def demo_draft() -> str:
+    from cluster.models import build_demo_models
+
+    return str(build_demo_models() / "draft")
 
 
 def cmd_up(args) -> int:
@@ -184,18 +208,31 @@ def cmd_generate(args) -> int:
 
 def format_status_table(status: dict) -> str:
     rows = [("INSTANCE", "ROLE", "STATE", "KV USED", "FREE/TOTAL BLOCKS", "RUNNING", "WAITING",
-             "QUEUED PROMPT", "SERVED")]
+             "QUEUED PROMPT", "SERVED", "KV IN/OUT MB", "SPEC ACCEPT")]
     for inst in status.get("instances", []):
         load = inst.get("load", {})
         total, free = int(load.get("num_total_blocks", 0)), int(load.get("num_free_blocks", 0))
         rows.append((inst["instance_id"], inst["role"], inst["state"], f"{100 * load.get('kv_usage', 0):.1f}%",
                      f"{free}/{total}", str(load.get("num_running", 0)), str(load.get("num_waiting", 0)),
-                     str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0))))
+                     str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0)),
+                     _kv_cell(inst.get("kv_transfer")), _spec_cell(inst.get("spec_decode"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
                  f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
     return "\n".join(lines)
+
+
+def _kv_cell(kv: dict | None) -> str:
+    if not kv:
+        return "-"
+    return f"{int(kv.get('bytes_received', 0)) / 1e6:.1f}/{int(kv.get('bytes_sent', 0)) / 1e6:.1f}"
+
+
+def _spec_cell(spec: dict | None) -> str:
+    if not spec or not int(spec.get("verified", 0)):
+        return "-"
+    return f"{100 * float(spec.get('acceptance_rate', 0)):.0f}% ({float(spec.get('mean_accepted_per_request_step', 0)):.2f}/step)"
 
 
 def cmd_status(args) -> int:

@@ -72,6 +72,34 @@ class TransferConfig:
             raise ValueError(f"unknown transfer failure policy {self.failure_policy!r}: recompute or fail")
 
 
+@dataclass(frozen=True)
+class SpecConfig:
+    """Draft-model speculative decoding with TETRIS draft selection (decode-side engines)."""
+
+    # None: no speculative decoding.
+    draft_model: str | None = None
+    # Window k of standard speculative decoding; the default budget is k tokens per request.
+    k: int = 3
+    # Extra proposals e: the draft proposes k + e tokens, TETRIS keeps the best k*N in the batch.
+    extra: int = 1
+    # Verification budget per step in draft tokens (None: N * k).
+    capacity: int | None = None
+    tetris: bool = True
+    # Below this batch size every request verifies plain window k.
+    min_batch_size: int = 2
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft_model is not None
+
+    def __post_init__(self):
+        if self.k < 1 or self.extra < 0:
+            raise ValueError(f"speculative decoding needs k >= 1 and extra >= 0 (got k={self.k}, "
+                             f"extra={self.extra})")
+        if self.capacity is not None and self.capacity < 0:
+            raise ValueError(f"spec capacity must be >= 0, got {self.capacity}")
+
+
 POOL_RESOURCES = {"prefill": "disagg_prefill", "decode": "disagg_decode", "colocated": None}
 
 
@@ -111,6 +139,7 @@ class ServeConfig:
     engine: EngineConfig
     router: RouterConfig = field(default_factory=RouterConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    spec: SpecConfig = field(default_factory=SpecConfig)
     pools: tuple[PoolConfig, ...] = (PoolConfig(role="colocated", num_instances=1),)
     # Ray cluster address; None starts a local Ray instance.
     address: str | None = None

@@ -52,7 +52,8 @@ def coalesce(deltas: list[TokenDelta]) -> list[TokenDelta]:
 
 
 class EngineLoop:
-    def __init__(self, config: EngineConfig, instance_id: str, engine=None, kv_transfer=None, agent=None):
+    def __init__(self, config: EngineConfig, instance_id: str, engine=None, kv_transfer=None, agent=None,
+                 speculative: dict | None = None):
         self.config = config
         self.instance_id = instance_id
         # The KV agent (prefill/decode roles) must exist before vLLM builds its connector.
@@ -60,7 +61,9 @@ class EngineLoop:
         self._wake = threading.Event()
         if agent is not None:
             agent.on_event = self._wake.set
-        self.engine = engine if engine is not None else va.build_engine(config, kv_transfer)
+        self.engine = engine if engine is not None else va.build_engine(config, kv_transfer, speculative)
+        # Set by the worker when the engine speculates: a live stats object with snapshot().
+        self.spec_stats = None
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._outputs: list[TokenDelta] = []
         self._cond = threading.Condition()
@@ -257,4 +260,5 @@ class EngineLoop:
             requests_finished=self._finished,
             prompt_tokens_computed=self._prompt_tokens_computed,
             kv=self.agent.stats_snapshot() if self.agent is not None else {},
+            spec=self.spec_stats.snapshot() if self.spec_stats is not None else {},
         )

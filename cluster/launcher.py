@@ -97,7 +97,7 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
     for pool in config.pools:
         for index in range(pool.num_instances):
             instance_id = f"{pool.role}-{index}"
-            actors.append(spawn_worker(config.engine, pool, instance_id, config.transfer))
+            actors.append(spawn_worker(config.engine, pool, instance_id, config.transfer, config.spec))
             ids.append(instance_id)
     _say(f"starting {len(actors)} engine instance(s): {', '.join(ids)}")
     started = time.monotonic()

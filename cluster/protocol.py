@@ -65,6 +65,8 @@ class LoadReport:
     prompt_tokens_computed: int = 0
     # KV transfer counters (cumulative) of this instance's agent, if it has one.
     kv: dict = field(default_factory=dict)
+    # Speculative decoding counters (cumulative), if the engine speculates.
+    spec: dict = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
 
     @property

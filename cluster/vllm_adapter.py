@@ -42,7 +42,7 @@ def kv_transfer_config(role: str, agent_id: str, failure_policy: str):
     )
 
 
-def build_engine(config: EngineConfig, kv_transfer=None):
+def build_engine(config: EngineConfig, kv_transfer=None, speculative: dict | None = None):
     """An LLMEngine whose engine core lives in this process."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     check_vllm_version()
@@ -56,6 +56,10 @@ def build_engine(config: EngineConfig, kv_transfer=None):
         kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * GIB)
     if kv_transfer is not None:
         kwargs["kv_transfer_config"] = kv_transfer
+    if speculative is not None:
+        kwargs["speculative_config"] = speculative
+        # Draft lists reach the scheduler (where TETRIS trims them) only without async scheduling.
+        kwargs["async_scheduling"] = False
     return LLMEngine.from_engine_args(EngineArgs(**kwargs))
 
 

@@ -11,7 +11,7 @@ import logging
 import os
 
 from cluster import vllm_adapter as va
-from cluster.config import EngineConfig, PoolConfig, TransferConfig
+from cluster.config import EngineConfig, PoolConfig, SpecConfig, TransferConfig
 from cluster.engine import EngineLoop
 from cluster.protocol import EngineRequest, InstanceInfo, LoadReport, StepBatch
 
@@ -24,20 +24,46 @@ ACTOR_CONCURRENCY = 16
 class EngineWorker:
     role = "colocated"
 
-    def __init__(self, config: EngineConfig, instance_id: str, transfer: TransferConfig | None = None):
+    def __init__(self, config: EngineConfig, instance_id: str, transfer: TransferConfig | None = None,
+                 spec: SpecConfig | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         logging.basicConfig(level=logging.INFO)
         self.config = config
         self.instance_id = instance_id
         self.transfer = transfer or TransferConfig()
+        self.spec = spec or SpecConfig()
         self.agent = self._make_agent()
         kv_config = None
         if self.agent is not None:
             kv_config = va.kv_transfer_config(self.role, self.agent.agent_id, self.transfer.failure_policy)
-        self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, agent=self.agent)
+        speculative = self._speculative_config()
+        self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, agent=self.agent,
+                               speculative=speculative)
+        if speculative is not None:
+            self.loop.spec_stats = self._install_spec_policy()
 
     def _make_agent(self):
         return None  # colocated engines move no KV
+
+    def _tetris_config(self):
+        from decode_worker.tetris import TetrisConfig
+
+        s = self.spec
+        return TetrisConfig(k=s.k, extra=s.extra, capacity=s.capacity, min_batch_size=s.min_batch_size,
+                            enabled=s.tetris)
+
+    def _speculative_config(self) -> dict | None:
+        if not self.spec.enabled:
+            return None
+        from decode_worker.spec_adapter import speculative_config
+
+        return speculative_config(self.spec.draft_model, self._tetris_config())
+
+    def _install_spec_policy(self):
+        """TETRIS (or, with --no-tetris, plain window k over the same k+e proposals)."""
+        from decode_worker.spec_adapter import install_tetris
+
+        return install_tetris(self.loop.engine, self._tetris_config())
 
     def info(self) -> InstanceInfo:
         import ray
@@ -121,7 +147,8 @@ def worker_class(role: str):
     return EngineWorker
 
 
-def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig):
+def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig,
+                 spec: SpecConfig | None = None):
     """Start one worker actor of `pool` (returns its handle at once; call info() to wait)."""
     import ray
 
@@ -132,4 +159,4 @@ def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, trans
         num_gpus=pool.num_gpus,
         resources=resources,
         max_concurrency=ACTOR_CONCURRENCY,
-    ).remote(config, instance_id, transfer)
+    ).remote(config, instance_id, transfer, spec)

@@ -12,3 +12,8 @@ from cluster.worker import EngineWorker, KVWorkerMixin
 
 class PrefillWorker(KVWorkerMixin, EngineWorker):
     role = "prefill"
+
+    def _install_spec_policy(self):
+        # The draft model runs here only so the prompt's draft KV exists and travels with the
+        # target's (same blocks, same layout as the decode side); a prefill verifies nothing.
+        return None

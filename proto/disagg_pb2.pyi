@@ -164,8 +164,34 @@ class KVTransferStats(_message.Message):
     blocks_held: int
     def __init__(self, bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transfers_in: _Optional[int] = ..., transfers_out: _Optional[int] = ..., failures: _Optional[int] = ..., expired_holds: _Optional[int] = ..., seconds_in_total: _Optional[float] = ..., last_latency_s: _Optional[float] = ..., blocks_held: _Optional[int] = ...) -> None: ...
 
+class SpecDecodeStats(_message.Message):
+    __slots__ = ("num_speculative_tokens", "steps", "request_steps", "proposed", "planned", "verified", "accepted", "verified_request_steps", "window_fallbacks", "acceptance_rate", "mean_accepted_per_request_step")
+    NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSED_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_REQUEST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_PER_REQUEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    num_speculative_tokens: int
+    steps: int
+    request_steps: int
+    proposed: int
+    planned: int
+    verified: int
+    accepted: int
+    verified_request_steps: int
+    window_fallbacks: int
+    acceptance_rate: float
+    mean_accepted_per_request_step: float
+    def __init__(self, num_speculative_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., request_steps: _Optional[int] = ..., proposed: _Optional[int] = ..., planned: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., verified_request_steps: _Optional[int] = ..., window_fallbacks: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_per_request_step: _Optional[float] = ...) -> None: ...
+
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason")
+    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason", "spec_decode")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +202,7 @@ class InstanceStatus(_message.Message):
     PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
     KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     DEATH_REASON_FIELD_NUMBER: _ClassVar[int]
+    SPEC_DECODE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     state: str
@@ -186,7 +213,8 @@ class InstanceStatus(_message.Message):
     prompt_tokens_computed: int
     kv_transfer: KVTransferStats
     death_reason: str
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ...) -> None: ...
+    spec_decode: SpecDecodeStats
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode")

@@ -18,6 +18,7 @@ from router.validation import Limits, validate
 log = logging.getLogger(__name__)
 
 _KV_FIELDS = set(pb.KVTransferStats.DESCRIPTOR.fields_by_name)
+_SPEC_FIELDS = set(pb.SpecDecodeStats.DESCRIPTOR.fields_by_name)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DisaggServe"].full_name
 _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -97,6 +98,9 @@ class DisaggServeServicer(pb_grpc.DisaggServeServicer):
                 load = inst.load
                 entry.tokens_generated = load.tokens_generated
                 entry.prompt_tokens_computed = load.prompt_tokens_computed
+                if load.spec:
+                    entry.spec_decode.CopyFrom(pb.SpecDecodeStats(
+                        **{k: v for k, v in load.spec.items() if k in _SPEC_FIELDS and v is not None}))
                 if load.kv:
                     entry.kv_transfer.CopyFrom(pb.KVTransferStats(
                         **{k: v for k, v in load.kv.items() if k in _KV_FIELDS}))
