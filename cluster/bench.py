@@ -284,6 +284,7 @@ class BenchResult:
     peak_concurrency: int
     records: list[RequestRecord]
     warnings: list[str] = field(default_factory=list)
+    prompt_sizing: str = ""  # how prompt lengths were hit (corpus text has no fixed length)
 
     @property
     def num_failed(self) -> int:
@@ -308,6 +309,7 @@ class BenchResult:
             for stat in Summary.STATS:
                 d[f"{stat}_{name}_ms"] = getattr(summary, stat)
         d["warnings"] = list(self.warnings)
+        d["prompt_sizing"] = self.prompt_sizing
         d["config"] = {k: _json_float(v) for k, v in self.config.items()}
         d["requests"] = [r.to_dict() for r in self.records]
         return d
@@ -347,6 +349,11 @@ def consistency_warnings(records: list[RequestRecord], cfg: BenchConfig) -> list
     if miscounted:
         warnings.append(f"{len(miscounted)} requests streamed a different number of tokens than "
                         f"their usage.completion_tokens reports")
+    if done:
+        got = sum(r.prompt_tokens for r in done) / len(done)
+        want = sum(r.target_input_len for r in done) / len(done)
+        if abs(got - want) > 0.1 * want:
+            warnings.append(f"prompts averaged {got:.1f} tokens against {want:.1f} targeted")
     if cfg.ignore_eos:
         short = [r for r in done if r.output_tokens != r.target_output_len]
         if short:
@@ -437,8 +444,42 @@ def cut_corpus(text: str, num_chars: int, rng: np.random.Generator) -> str:
 
 def corpus_prompts(input_lens, output_lens, chars_per_token: float,
                    rng: np.random.Generator, text: str | None = None) -> list[Prompt]:
+    """Passages sized by an average characters-per-token ratio (lengths are approximate)."""
     text = text if text is not None else stdlib_corpus()
     return [Prompt(cut_corpus(text, max(1, round(n * chars_per_token)), rng), int(n), int(m))
+            for n, m in zip(input_lens, output_lens)]
+
+
+def load_local_tokenizer(model: str):
+    """The server's tokenizer when its model directory is readable here (same machine or a
+    shared disk); None otherwise."""
+    path = os.path.join(model, "tokenizer.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(path)
+    except Exception:  # any problem: fall back to the server-measured ratio
+        return None
+
+
+def cut_corpus_tokens(text: str, num_tokens: int, tokenizer, rng: np.random.Generator) -> str:
+    """A passage that tokenizes to num_tokens tokens, special tokens (BOS) included; a token or
+    so off where the cut splits a word."""
+    specials = len(tokenizer.encode("", add_special_tokens=True).ids)
+    want = max(1, num_tokens - specials)
+    passage = cut_corpus(text, want * 8 + 64, rng)  # code averages well under 8 chars a token
+    enc = tokenizer.encode(passage, add_special_tokens=False)
+    if len(enc.ids) <= want:
+        return passage
+    return passage[:enc.offsets[want - 1][1]]
+
+
+def corpus_prompts_exact(input_lens, output_lens, tokenizer, rng: np.random.Generator,
+                         text: str | None = None) -> list[Prompt]:
+    text = text if text is not None else stdlib_corpus()
+    return [Prompt(cut_corpus_tokens(text, int(n), tokenizer, rng), int(n), int(m))
             for n, m in zip(input_lens, output_lens)]
 
 
@@ -475,7 +516,9 @@ def _check_lengths(cfg: BenchConfig, info) -> None:
                          f"length of {info.max_model_len}")
 
 
-async def _build_prompts(cfg: BenchConfig, client, info) -> list[Prompt]:
+async def _build_prompts(cfg: BenchConfig, client, info) -> tuple[list[Prompt], str]:
+    """The prompts, and how their lengths were set (for the record). Always sends one probe
+    request first, so a broken server fails here rather than N times."""
     rng = np.random.default_rng(cfg.seed)
     input_lens = sample_lengths(cfg.num_prompts, cfg.input_len, cfg.input_len_range, rng)
     output_lens = sample_lengths(cfg.num_prompts, cfg.output_len, cfg.output_len_range, rng)
@@ -485,16 +528,25 @@ async def _build_prompts(cfg: BenchConfig, client, info) -> list[Prompt]:
             exclude.add(info.bos_token_id)
         prompts = random_prompts(input_lens, output_lens, info.vocab_size, exclude, rng)
         await _probe(client, prompts[0].prompt)
-        return prompts
-    # No tokenizer on the client: measure the corpus' characters per token on the server.
+        return prompts, "random token ids (exact)"
     text = stdlib_corpus()
+    tokenizer = load_local_tokenizer(info.model)
+    if tokenizer is not None:
+        prompts = corpus_prompts_exact(input_lens, output_lens, tokenizer, rng, text)
+        await _probe(client, prompts[0].prompt)
+        return prompts, "local copy of the server's tokenizer"
+    # No tokenizer here: measure the corpus' characters per token on the server, on passages
+    # drawn like the prompts (a separate generator keeps the prompts the same either way).
     max_prompt = info.max_prompt_tokens or (info.max_model_len - 1)
-    sample = text[:min(4000, max_prompt)]  # a token covers at least one character
+    probe_rng = np.random.default_rng([cfg.seed, 1])
+    sample = "\n".join(cut_corpus(text, 400, probe_rng) for _ in range(10))
+    sample = sample[:max_prompt]  # a token covers at least one character
     probe = await _probe(client, sample)
     if probe.usage.prompt_tokens <= 0:
         raise BenchError("the server reported 0 prompt tokens for the probe; cannot size prompts")
     chars_per_token = len(sample) / probe.usage.prompt_tokens
-    return corpus_prompts(input_lens, output_lens, chars_per_token, rng, text)
+    prompts = corpus_prompts(input_lens, output_lens, chars_per_token, rng, text)
+    return prompts, f"server-measured ratio, {chars_per_token:.2f} chars/token (approximate)"
 
 
 async def _run_request(client, prompt: Prompt, cfg: BenchConfig, record: RequestRecord,
@@ -555,14 +607,16 @@ async def run_benchmark(cfg: BenchConfig) -> BenchResult:
             raise BenchError(f"cannot reach {cfg.server}: {_rpc_error(exc)}") from exc
         _check_lengths(cfg, info)
         try:
-            prompts = await _build_prompts(cfg, client, info)
+            prompts, sizing = await _build_prompts(cfg, client, info)
         except grpc.aio.AioRpcError as exc:
             raise BenchError(f"the probe request failed: {_rpc_error(exc)}") from exc
         offsets = arrival_offsets(cfg.num_prompts, cfg.request_rate, cfg.burstiness, cfg.seed)
         records, duration = await _drive(client, cfg, prompts, offsets)
     finally:
         await client.close()
-    return build_result(cfg, info.model, records, duration)
+    result = build_result(cfg, info.model, records, duration)
+    result.prompt_sizing = sizing
+    return result
 
 
 async def _drive(client, cfg: BenchConfig, prompts: list[Prompt], offsets: np.ndarray):
@@ -619,7 +673,7 @@ def format_table(result: BenchResult) -> str:
     cfg = result.config
     rows: list[tuple[str, object] | str] = [
         _banner(" disagg-serve benchmark ", "=", width),
-        ("Label", result.label), ("Model", result.model),
+        ("Label", result.label), ("Model", _short_model(result.model)),
         ("Requests completed", result.completed), ("Requests failed", result.num_failed),
     ]
     rows += [(f"  {code}", n) for code, n in result.failed.items()]
@@ -643,10 +697,20 @@ def format_table(result: BenchResult) -> str:
         rows += [(f"{stat.capitalize() if stat != 'median' else 'Median (p50)'} {short} (ms)",
                   getattr(summary, stat)) for stat in Summary.STATS]
     rows.append("=" * width)
-    lines = [r if isinstance(r, str) else f"{r[0] + ':':<40}{_fmt(r[1]):>{width - 40}}"
-             for r in rows]
+    lines = [r if isinstance(r, str) else _row(r[0], _fmt(r[1]), width) for r in rows]
     lines += [f"warning: {w}" for w in result.warnings]
     return "\n".join(lines)
+
+
+def _short_model(model: str) -> str:
+    # Model directories are long absolute paths; the last two parts say which model it is.
+    parts = [p for p in model.split(os.sep) if p]
+    return os.path.join(*parts[-2:]) if model.startswith(os.sep) and parts else model
+
+
+def _row(name: str, value: str, width: int) -> str:
+    label = f"{name}:"
+    return f"{label}{value:>{max(width - len(label), len(value) + 1)}}"
 
 
 def _goodput_label(cfg: dict) -> str:
@@ -741,7 +805,7 @@ def plot_result(result: BenchResult, path: str) -> None:
     ax.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()
     lines2 = twin.get_legend_handles_labels()
-    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="best")
     fig.suptitle(f"{result.label}: {result.completed} ok, {result.num_failed} failed, "
                  f"rate {_fmt_rate(cfg['request_rate'])} req/s, "
                  f"{result.output_throughput:.1f} out tok/s")

@@ -140,7 +140,7 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
     metrics_server = None
     if config.router.metrics_port is not None:
         metrics_server = metrics.serve(config.router.metrics_port)
-        _say(f"Prometheus metrics on :{config.router.metrics_port}/metrics")
+        _say(f"Prometheus metrics on :{metrics_server[0].server_port}/metrics")
     _say(f"serving gRPC on {config.router.host}:{port}")
     return RunningCluster(config, router, server, port, actors, metrics_server)
 

@@ -36,8 +36,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Stdlib folders that are tests, generated tables or GUI demos rather than ordinary code.
 _EXCLUDED_DIRS = frozenset(
     {
-        "test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "dist-packages",
-        "__pycache__", "turtledemo", "pydoc_data", "encodings", "ensurepip", "lib-dynload",
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "lib2to3",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "turtledemo",
+        "pydoc_data",
+        "encodings",
+        "ensurepip",
+        "lib-dynload",
     }
 )
 _EXCLUDED_PREFIXES = ("_sysconfigdata", "config-")
@@ -47,7 +58,7 @@ _EXCLUDED_PREFIXES = ("_sysconfigdata", "config-")
 class DemoRecipe:
     """Every knob of the demo build; its hash names the cache directory."""
 
-    version: str = "1"
+    version: str = "2"
     seed: int = 0
     # Corpus: stdlib *.py files in a hash order, capped for speed.
     corpus_max_bytes: int = 3_000_000
@@ -68,14 +79,15 @@ class DemoRecipe:
     rms_norm_eps: float = 1e-5
     # Target training.
     seq_len: int = 128
-    batch_size: int = 16
-    target_steps: int = 300
+    # Small batches, many steps: on a tiny budget more updates beat bigger batches.
+    batch_size: int = 8
+    target_steps: int = 600
     target_lr: float = 3e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 30
     weight_decay: float = 0.1
     # Draft distillation.
     draft_layers: int = 1
-    draft_steps: int = 150
+    draft_steps: int = 250
     draft_lr: float = 2e-3
     distill_temperature: float = 1.0
     # Evaluation.
@@ -84,8 +96,14 @@ class DemoRecipe:
 
 # Fields that decide the tokenizer; it is cached on its own so random models can reuse it.
 _TOKENIZER_FIELDS = (
-    "version", "corpus_max_bytes", "max_file_bytes", "holdout_mod", "eval_max_bytes",
-    "vocab_size", "min_frequency", "model_max_length",
+    "version",
+    "corpus_max_bytes",
+    "max_file_bytes",
+    "holdout_mod",
+    "eval_max_bytes",
+    "vocab_size",
+    "min_frequency",
+    "model_max_length",
 )
 
 
@@ -131,6 +149,12 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _make_readable(root: Path) -> None:
+    """Some writers (mkdtemp, safetensors) create owner-only files; caches are shared."""
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def _is_complete(path: Path) -> bool:
     return (path / DONE).is_file()
 
@@ -152,6 +176,7 @@ def _cached_build(root: Path, name: str, build: Callable[[Path], None]) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
         try:
             build(tmp)
+            _make_readable(tmp)
             (tmp / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
             os.rename(tmp, final)  # atomic: readers see all or nothing
         except BaseException:
@@ -241,6 +266,12 @@ def _save_tokenizer(tok, out: Path, recipe: DemoRecipe) -> None:
         model_max_length=recipe.model_max_length,
     )
     hf_tok.save_pretrained(str(out))
+    # transformers 5 writes its new class name "TokenizersBackend"; the old alias loads in
+    # both 4.x and 5.x.
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     # Newer transformers no longer write this file; older loaders still look for it.
     special_map = out / "special_tokens_map.json"
     if not special_map.exists():
@@ -262,8 +293,10 @@ def build_tokenizer(
         train, _ = split_corpus(recipe)
         tok = _train_tokenizer(train, recipe)
         _save_tokenizer(tok, tmp, recipe)
-        log(f"tokenizer: {tok.get_vocab_size()} tokens from {sum(map(len, train)) / 1e6:.1f} MB "
-            f"in {time.perf_counter() - t0:.1f}s")
+        log(
+            f"tokenizer: {tok.get_vocab_size()} tokens from {sum(map(len, train)) / 1e6:.1f} MB "
+            f"in {time.perf_counter() - t0:.1f}s"
+        )
 
     return _cached_build(root, f"tokenizer-{tokenizer_hash(recipe)}", build)
 
@@ -317,6 +350,14 @@ def _batches(windows, batch_size: int, steps: int, seed: int) -> Iterator:
         yield windows[idx]
 
 
+def _spread(windows, count: int):
+    """count windows evenly spaced over all of them, so every held-out file gets a say."""
+    import torch
+
+    idx = torch.linspace(0, windows.shape[0] - 1, min(count, windows.shape[0])).round().long()
+    return windows[idx]
+
+
 # --------------------------------------------------------------------------- models
 
 
@@ -347,7 +388,10 @@ def _optimizer(model, lr: float, weight_decay: float):
     # No decay on norms: they are scales around 1, decaying them only hurts.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
 
@@ -377,14 +421,15 @@ def _train_loop(model, batches, steps: int, lr: float, recipe: DemoRecipe, loss_
         sched.step()
         running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
         if step % 25 == 0 or step == steps - 1:
-            log(f"{label} step {step + 1}/{steps} loss {running:.3f} "
-                f"({time.perf_counter() - t0:.0f}s)")
+            log(
+                f"{label} step {step + 1}/{steps} loss {running:.3f} "
+                f"({time.perf_counter() - t0:.0f}s)"
+            )
     model.eval()
     return running
 
 
 def _train_target(recipe: DemoRecipe, tok, windows, log):
-    import torch
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM(_llama_config(recipe, tok, recipe.num_layers))
@@ -423,8 +468,9 @@ def _distill_draft(recipe: DemoRecipe, tok, target, windows, log):
             t_logp = F.log_softmax(target(input_ids=batch).logits.float() / temp, dim=-1)
         d_logp = F.log_softmax(draft(input_ids=batch).logits / temp, dim=-1)
         # KL(target || draft) per position; temp^2 keeps gradient scale temperature-free.
-        kl = F.kl_div(d_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True,
-                      reduction="batchmean")
+        kl = F.kl_div(
+            d_logp.flatten(0, 1), t_logp.flatten(0, 1), log_target=True, reduction="batchmean"
+        )
         return kl * temp * temp
 
     final = _train_loop(
@@ -442,7 +488,10 @@ def _evaluate(target, draft, windows) -> dict:
     agree = total = 0
     with torch.no_grad():
         for batch in windows.split(16):
-            logits = {"target": target(input_ids=batch).logits, "draft": draft(input_ids=batch).logits}
+            logits = {
+                "target": target(input_ids=batch).logits,
+                "draft": draft(input_ids=batch).logits,
+            }
             for name, lg in logits.items():
                 losses[name] += F.cross_entropy(
                     lg[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"
@@ -459,6 +508,21 @@ def _evaluate(target, draft, windows) -> dict:
         "top1_agreement": agree / total,
         "eval_positions": total,
     }
+
+
+@contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers draws its own save bars; silence them when progress is off."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was and not enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _save_model(model, out: Path, tok_dir: Path) -> None:
@@ -507,10 +571,14 @@ def _build_demo(tmp: Path, recipe: DemoRecipe, root: Path, progress: bool) -> No
     train_texts, held_texts = split_corpus(recipe)
     bos = tok.token_to_id(BOS)
     train_win = _windows(_token_stream(tok, train_texts), recipe.seq_len, bos)
-    eval_win = _windows(_token_stream(tok, held_texts), recipe.seq_len, bos)[: recipe.eval_seqs]
+    eval_win = _spread(
+        _windows(_token_stream(tok, held_texts), recipe.seq_len, bos), recipe.eval_seqs
+    )
     seconds["tokenizer_and_data"] = time.perf_counter() - t0
-    log(f"data: {train_win.shape[0]} train windows, {eval_win.shape[0]} held-out windows "
-        f"of {recipe.seq_len} tokens")
+    log(
+        f"data: {train_win.shape[0]} train windows, {eval_win.shape[0]} held-out windows "
+        f"of {recipe.seq_len} tokens"
+    )
 
     t0 = time.perf_counter()
     target, target_train_loss = _train_target(recipe, tok, train_win, log)
@@ -528,8 +596,9 @@ def _build_demo(tmp: Path, recipe: DemoRecipe, root: Path, progress: bool) -> No
         draft_distill_loss=distill_loss,
         draft_init_top1_agreement=init_agreement,
     )
-    _save_model(target, tmp / "target", tok_dir)
-    _save_model(draft, tmp / "draft", tok_dir)
+    with _progress_bars(progress):
+        _save_model(target, tmp / "target", tok_dir)
+        _save_model(draft, tmp / "draft", tok_dir)
     seconds["eval_and_save"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
@@ -542,10 +611,12 @@ def _build_demo(tmp: Path, recipe: DemoRecipe, root: Path, progress: bool) -> No
         "threads": torch.get_num_threads(),
     }
     (tmp / "recipe.json").write_text(json.dumps(record, indent=2) + "\n")
-    log(f"done in {seconds['total']:.0f}s: target held-out loss {metrics['target_eval_loss']:.3f} "
+    log(
+        f"done in {seconds['total']:.0f}s: target held-out loss {metrics['target_eval_loss']:.3f} "
         f"(ppl {metrics['target_eval_ppl']:.1f}), draft loss {metrics['draft_eval_loss']:.3f}, "
         f"draft/target top-1 agreement {metrics['top1_agreement']:.3f} "
-        f"(before distillation {init_agreement:.3f})")
+        f"(before distillation {init_agreement:.3f})"
+    )
 
 
 def build_demo_models(
@@ -631,7 +702,9 @@ def _random_llama(config, dtype, seed: int):
     return model.eval()
 
 
-def write_random_model(out_dir: str | Path, preset: str = "llama-1b", *, seed: int = 0) -> Path:
+def write_random_model(
+    out_dir: str | Path, preset: str = "llama-1b", *, seed: int = 0, progress: bool = True
+) -> Path:
     """Random-weight Llama of a preset's shape, cached at out_dir/random-<preset>-<hash>/."""
     import torch
 
@@ -639,15 +712,20 @@ def write_random_model(out_dir: str | Path, preset: str = "llama-1b", *, seed: i
     root = Path(out_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     tok_recipe = DemoRecipe()
-    key = {"random": asdict(spec), "preset": preset, "seed": seed, "version": _RANDOM_VERSION,
-           "tokenizer": tokenizer_hash(tok_recipe)}
+    key = {
+        "random": asdict(spec),
+        "preset": preset,
+        "seed": seed,
+        "version": _RANDOM_VERSION,
+        "tokenizer": tokenizer_hash(tok_recipe),
+    }
 
     def build(tmp: Path) -> None:
         # The same tokenizer as the demo models (deterministic, shared cache).
-        tok_dir = build_tokenizer(default_models_dir(), tok_recipe)
+        tok_dir = build_tokenizer(default_models_dir(), tok_recipe, progress=progress)
         tok = load_tokenizer(tok_dir)
-        dtype = getattr(torch, spec.dtype)
-        model = _random_llama(_random_config(spec, tok), dtype, seed)
-        _save_model(model, tmp, tok_dir)
+        model = _random_llama(_random_config(spec, tok), getattr(torch, spec.dtype), seed)
+        with _progress_bars(progress):
+            _save_model(model, tmp, tok_dir)
 
     return _cached_build(root, f"random-{preset}-{_hash(key)}", build)

@@ -57,6 +57,9 @@ def build_engine(config: EngineConfig, kv_transfer=None, speculative: dict | Non
     if kv_transfer is not None:
         kwargs["kv_transfer_config"] = kv_transfer
     if speculative is not None:
+        from decode_worker.spec_adapter import fix_cpu_expand_kernel
+
+        fix_cpu_expand_kernel()  # vLLM 0.32 CPU: sampled verification is garbage without it
         kwargs["speculative_config"] = speculative
         # Draft lists reach the scheduler (where TETRIS trims them) only without async scheduling.
         kwargs["async_scheduling"] = False

@@ -5,4 +5,5 @@ STUDIES = {
     "grpc-overhead": "cluster.benchmarks.grpc_overhead",
     "kv-transport": "cluster.benchmarks.kv_transport",
     "disagg-vs-colocated": "cluster.benchmarks.disagg_vs_colocated",
+    "tetris": "cluster.benchmarks.tetris",
 }

@@ -150,7 +150,7 @@ def wait_idle(client, timeout_s: float = 60.0):
     while True:
         status = status_to_dict(client.cluster_status())
         insts = status["instances"]
-        if status["requests_in_flight"] == 0 and all(
+        if status["requests_in_flight"] == 0 and all("load" in i for i in insts) and all(
                 int(i["load"]["num_free_blocks"]) == int(i["load"]["num_total_blocks"])
                 and int(i["load"]["num_running"]) == 0 and int(i["load"]["num_waiting"]) == 0
                 and int(i.get("kv_transfer", {}).get("blocks_held", 0)) == 0 for i in insts):

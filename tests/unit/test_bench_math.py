@@ -12,10 +12,12 @@ from cluster.bench import (
     arrival_offsets,
     build_result,
     compare_table,
+    corpus_prompts,
     goodput,
     meets_slo,
     peak_concurrency,
     per_token_itl,
+    random_prompts,
     sample_lengths,
     summarize,
     sweep_plot,
@@ -74,6 +76,29 @@ def test_ranged_lengths_stay_in_bounds_and_cover_them():
 
 def test_lengths_never_drop_below_one():
     assert sample_lengths(100, 1, 0.9, np.random.default_rng(0)).min() >= 1
+
+
+# ---- prompts
+
+
+_TEXT = "".join(f"line {i}: x = {i} * 2\n" for i in range(2000))
+
+
+def test_corpus_prompts_are_deterministic_given_the_seed_and_start_on_a_line():
+    def make(seed):
+        rng = np.random.default_rng(seed)
+        return [p.prompt for p in corpus_prompts([10, 20], [5, 5], 3.0, rng, _TEXT)]
+
+    a = make(0)
+    assert a == make(0) and a != make(1)
+    assert [len(p) for p in a] == [30, 60]
+    assert all(p.startswith("line ") for p in a)
+
+
+def test_random_prompts_avoid_special_ids():
+    prompts = random_prompts([500], [1], vocab_size=8, exclude={0, 2}, rng=np.random.default_rng(0))
+    ids = prompts[0].prompt
+    assert len(ids) == 500 and set(ids) == {1, 3, 4, 5, 6, 7}
 
 
 # ---- inter-token latency
