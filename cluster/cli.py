@@ -112,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(module).add_args(studies.add_parser(name))
 
     demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
-    demo.add_argument("--colocated", type=int, default=2)
+    demo.add_argument("--colocated", type=int, default=0,
+                      help="N colocated instances instead of the default 1 prefill + 1 decode")
     demo.add_argument("--port", type=int, default=0)
+    demo.add_argument("--spec", action=argparse.BooleanOptionalAction, default=True,
+                      help="speculative decoding with TETRIS on the decode side")
     return parser
 
 
@@ -281,7 +284,7 @@ def cmd_bench_suite(args) -> int:
 def cmd_demo(args) -> int:
     from cluster.demo import run_demo
 
-    return run_demo(colocated=args.colocated, port=args.port)
+    return run_demo(colocated=args.colocated, port=args.port, speculative=args.spec)
 
 
 COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "models": cmd_models,

@@ -145,6 +145,8 @@ class ServeConfig:
     address: str | None = None
     # Logical CPUs for a local Ray instance (None: enough for the pools).
     local_num_cpus: float | None = None
+    # Stream worker logs to the driver's console (Ray's log_to_driver).
+    worker_logs_to_driver: bool = True
 
     def replace(self, **changes) -> "ServeConfig":
         return dataclasses.replace(self, **changes)

@@ -7,7 +7,7 @@ import sys
 import time
 
 DEMO_PROMPTS = [
-    "def fibonacci(n):\n",
+    "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
     "import os\nimport sys\n\n\ndef main(",
     "class Stack:\n    def __init__(self):\n",
     "for i in range(10):\n",
@@ -18,13 +18,13 @@ DEMO_PROMPTS = [
 ]
 
 
-async def _stream_one(client, prompt: str, max_tokens: int, echo: bool) -> dict:
+async def _stream_one(client, prompt: str, max_tokens: int, echo: bool, **sampling) -> dict:
     start = time.perf_counter()
     first = None
     tokens, last = 0, None
     if echo:
         sys.stdout.write(f"\n--- prompt ---\n{prompt}--- completion (streamed) ---\n")
-    async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0):
+    async for msg in client.stream(prompt, max_tokens=max_tokens, **(sampling or {"temperature": 0.0})):
         if msg.token_ids and first is None:
             first = time.perf_counter() - start
         tokens += len(msg.token_ids)
@@ -38,25 +38,35 @@ async def _stream_one(client, prompt: str, max_tokens: int, echo: bool) -> dict:
             "served_by": list(last.served_by), "finish": last.finish_reason}
 
 
-async def _demo(colocated: int, port: int) -> None:
+async def _demo(colocated: int, port: int, speculative: bool) -> None:
     from cluster.cli import format_status_table
     from cluster.client import AsyncClient, status_to_dict
-    from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+    from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig
     from cluster.launcher import start_cluster
     from cluster.models import build_demo_models
 
     models = build_demo_models()
+    if colocated:
+        pools = (PoolConfig("colocated", colocated),)
+    else:  # the full system: a prefill pool and a decode pool, KV moving between them
+        pools = (PoolConfig("prefill", 1, resource="disagg_prefill"),
+                 PoolConfig("decode", 1, resource="disagg_decode"))
     config = ServeConfig(
-        engine=EngineConfig(model=str(models / "target"), cpu_kv_cache_gib=0.25),
+        engine=EngineConfig(model=str(models / "target"), cpu_kv_cache_gib=0.25, dtype="float32"),
         router=RouterConfig(host="127.0.0.1", port=port),
-        pools=(PoolConfig("colocated", colocated),),
+        pools=pools,
+        worker_logs_to_driver=False,
+        spec=SpecConfig(draft_model=str(models / "draft"), k=3, extra=1) if speculative else SpecConfig(),
     )
+    mode = f"{colocated} colocated instance(s)" if colocated else "1 prefill + 1 decode instance"
+    print(f"demo: {mode}, speculative decoding with TETRIS {'on' if speculative else 'off'}", flush=True)
     cluster = await start_cluster(config)
     client = AsyncClient(f"127.0.0.1:{cluster.port}")
     try:
         info = await client.model_info()
         print(f"model {info.model}: max length {info.max_model_len}, vocabulary {info.vocab_size}")
-        results = [await _stream_one(client, DEMO_PROMPTS[0], 64, echo=True)]
+        # A tiny model's greedy text loops; a seeded sample reads more like code.
+        results = [await _stream_one(client, DEMO_PROMPTS[0], 96, echo=True, temperature=0.8, top_p=0.95, seed=7)]
         print(f"\nnow {len(DEMO_PROMPTS) * 2} concurrent streams...", flush=True)
         start = time.perf_counter()
         results += await asyncio.gather(*[_stream_one(client, p, 64, echo=False) for p in DEMO_PROMPTS * 2])
@@ -83,6 +93,6 @@ async def _demo(colocated: int, port: int) -> None:
     print(format_status_table(status))
 
 
-def run_demo(colocated: int = 2, port: int = 0) -> int:
-    asyncio.run(_demo(colocated, port))
+def run_demo(colocated: int = 0, port: int = 0, speculative: bool = True) -> int:
+    asyncio.run(_demo(colocated, port, speculative))
     return 0

@@ -25,14 +25,14 @@ def init_ray(config: ServeConfig) -> None:
     if ray.is_initialized():
         return
     if config.address:
-        ray.init(address=config.address, log_to_driver=True)
+        ray.init(address=config.address, log_to_driver=config.worker_logs_to_driver)
         check_pool_resources(config)
         return
     needed = sum(p.num_cpus * p.num_instances for p in config.pools)
     # A local Ray instance is one node serving every pool: it advertises all pool resources.
     resources = {p.resource: p.num_instances for p in config.pools if p.resource and p.num_instances}
     ray.init(num_cpus=config.local_num_cpus or max(2, needed), resources=resources,
-             include_dashboard=False, log_to_driver=True)
+             include_dashboard=False, log_to_driver=config.worker_logs_to_driver)
 
 
 def check_pool_resources(config: ServeConfig) -> None:

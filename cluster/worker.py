@@ -27,6 +27,8 @@ class EngineWorker:
     def __init__(self, config: EngineConfig, instance_id: str, transfer: TransferConfig | None = None,
                  spec: SpecConfig | None = None):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        # vLLM logs every engine's start-up at INFO; operators raise it with VLLM_LOGGING_LEVEL.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         logging.basicConfig(level=logging.INFO)
         self.config = config
         self.instance_id = instance_id
