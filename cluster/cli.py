@@ -65,8 +65,34 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's max length - 1")
     p.add_argument("--actor-timeout", type=float, default=30.0, help="deadline of each worker call, s")
+    p.add_argument("--max-in-flight", type=int, default=512,
+                   help="admission control: requests in flight at once (past it RESOURCE_EXHAUSTED)")
+    p.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens accepted (0: any)")
+    p.add_argument("--max-replays", type=int, default=2,
+                   help="times a request is replayed elsewhere after its instance died")
+    p.add_argument("--respawn", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace dead instances with fresh ones")
+    p.add_argument("--orphan-timeout", type=float, default=60.0,
+                   help="a worker frees its requests when not polled for this long (router gone), s")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve gRPC over TLS")
+    p.add_argument("--tls-key", default=None, help="PEM private key for --tls-cert")
+    p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' (default: $DISAGG_AUTH_TOKEN; off)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     _add_engine_args(p)
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="localhost:50051")
+    p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),
+                   help="bearer token (default: $DISAGG_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA bundle: connect over TLS")
+
+
+def _client(args):
+    from cluster.client import Client
+
+    return Client(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_up_args(sub.add_parser("up", help="start serving (blocks until SIGINT/SIGTERM)"))
 
     gen = sub.add_parser("generate", help="stream one completion's text to stdout")
-    gen.add_argument("--server", default="localhost:50051")
+    _add_client_args(gen)
     gen.add_argument("--max-tokens", type=int, default=None)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=None)
@@ -87,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt")
 
     st = sub.add_parser("status", help="the instances and their load")
-    st.add_argument("--server", default="localhost:50051")
+    _add_client_args(st)
     st.add_argument("--json", action="store_true")
 
     mod = sub.add_parser("models", help="build (or find) the demo models; prints their directory last")
@@ -132,11 +158,17 @@ def serve_config_from_args(args) -> ServeConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         dtype=args.dtype,
         seed=args.seed,
+        orphan_timeout_s=args.orphan_timeout,
     )
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: TLS needs both --tls-cert and --tls-key")
     router = RouterConfig(
         host=args.host, port=args.port, metrics_port=args.metrics_port,
         default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
         actor_call_timeout_s=args.actor_timeout, startup_timeout_s=args.startup_timeout,
+        max_tokens_limit=args.max_tokens_limit, max_in_flight=args.max_in_flight,
+        max_replays=args.max_replays, respawn_dead=args.respawn,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token,
     )
     disaggregated = args.prefill > 0 or args.decode > 0
     if disaggregated and (args.prefill <= 0 or args.decode <= 0):
@@ -187,9 +219,7 @@ def cmd_up(args) -> int:
 def cmd_generate(args) -> int:
     import grpc
 
-    from cluster.client import Client
-
-    with Client(args.server) as client:
+    with _client(args) as client:
         try:
             last = None
             for msg in client.stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -241,9 +271,9 @@ def _spec_cell(spec: dict | None) -> str:
 def cmd_status(args) -> int:
     import grpc
 
-    from cluster.client import Client, status_to_dict
+    from cluster.client import status_to_dict
 
-    with Client(args.server) as client:
+    with _client(args) as client:
         try:
             status = status_to_dict(client.cluster_status())
         except grpc.RpcError as exc:

@@ -68,12 +68,30 @@ def status_to_dict(status: pb.ClusterStatus) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
-class Client:
-    """Blocking client. `stream()` yields GenerateResponse messages; `generate()` collects them."""
+def _channel_args(auth_token: str | None, tls_ca: str | None):
+    """Credentials for TLS and/or a bearer token (None: plaintext)."""
+    if not tls_ca and not auth_token:
+        return None
+    if tls_ca:
+        from pathlib import Path
 
-    def __init__(self, server: str = "localhost:50051", timeout: float | None = None):
+        creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+    else:
+        creds = grpc.local_channel_credentials()
+    if auth_token:
+        creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(auth_token))
+    return creds
+
+
+class Client:
+    """Blocking client. `stream()` yields GenerateResponse messages; `generate()` collects them.
+    `auth_token` sends `authorization: Bearer ...`; `tls_ca` connects over TLS."""
+
+    def __init__(self, server: str = "localhost:50051", timeout: float | None = None, *,
+                 auth_token: str | None = None, tls_ca: str | None = None):
         self.address = server
-        self.channel = grpc.insecure_channel(server)
+        creds = _channel_args(auth_token, tls_ca)
+        self.channel = grpc.secure_channel(server, creds) if creds else grpc.insecure_channel(server)
         self.stub = pb_grpc.DisaggServeStub(self.channel)
         self.timeout = timeout
 
@@ -111,8 +129,12 @@ class Client:
 class AsyncClient:
     """asyncio client; `stream()` is an async iterator of GenerateResponse messages."""
 
-    def __init__(self, server: str = "localhost:50051", timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(server, options=[("grpc.max_concurrent_streams", 4096)])
+    def __init__(self, server: str = "localhost:50051", timeout: float | None = None, *,
+                 auth_token: str | None = None, tls_ca: str | None = None):
+        self.address = server
+        creds = _channel_args(auth_token, tls_ca)
+        self.channel = (grpc.aio.secure_channel(server, creds) if creds
+                        else grpc.aio.insecure_channel(server))
         self.stub = pb_grpc.DisaggServeStub(self.channel)
         self.timeout = timeout
 

@@ -28,6 +28,8 @@ class EngineConfig:
     # GPU: fraction of device memory vLLM may take.
     gpu_memory_utilization: float = 0.85
     enforce_eager: bool = True
+    # A worker whose router stopped polling this long frees its requests (the router died).
+    orphan_timeout_s: float = 60.0
 
     def engine_kwargs(self) -> dict:
         """Keyword arguments for vllm.EngineArgs."""
@@ -124,12 +126,26 @@ class RouterConfig:
     default_max_tokens: int = 256
     # 0 means: the model's max length minus one.
     max_prompt_tokens: int = 0
+    # Largest max_tokens a request may ask for (0: whatever fits the model's length).
+    max_tokens_limit: int = 0
+    # Admission control: requests in flight at once; past it RESOURCE_EXHAUSTED + retry hint.
+    max_in_flight: int = 512
+    # Optional TLS (PEM files) and bearer token for the gRPC port.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    auth_token: str | None = None
     # Longest a poll of an idle instance waits; output returns as soon as it exists.
     poll_wait_s: float = 0.5
     # Deadline for any single call to a worker actor (add, abort, load).
     actor_call_timeout_s: float = 30.0
     # Deadline for instances to start (model load).
     startup_timeout_s: float = 600.0
+    # Times a request is replayed on another instance after the one serving it died.
+    max_replays: int = 2
+    # Replace dead instances with fresh ones (same id, same pool).
+    respawn_dead: bool = True
+    # How long a request waits for an instance of the role it needs while all are restarting.
+    instance_wait_s: float = 120.0
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,8 @@ class EngineLoop:
         self._tokens = 0
         self._finished = 0
         self._prompt_tokens_computed = 0
+        self._last_poll = time.monotonic()
+        self.orphans_freed = 0
         self._awaiting_first: set[str] = set()
         self._load = self._measure_load()
         self._thread = threading.Thread(target=self._run, name=f"engine-{instance_id}", daemon=True)
@@ -94,6 +96,7 @@ class EngineLoop:
     def poll(self, timeout_s: float) -> StepBatch:
         """Every delta since the last poll; waits up to timeout_s for the first one."""
         deadline = time.monotonic() + timeout_s
+        self._last_poll = time.monotonic()
         with self._cond:
             while not self._outputs and self._fatal is None and not self._stop.is_set():
                 left = deadline - time.monotonic()
@@ -151,6 +154,7 @@ class EngineLoop:
                 if self.agent is not None:
                     self.agent.expire_holds()
                 self._drain_commands()
+                self._free_orphans()
                 if va.has_work(self.engine):
                     produced = self._step()
                     if not produced and va.num_running(self.engine) == 0:
@@ -165,6 +169,23 @@ class EngineLoop:
             self._emit([TokenDelta(r, [], True, "error", error=self._fatal) for r in self._live])
             self._live.clear()
             traceback.print_exc()
+
+    def _free_orphans(self) -> None:
+        """Nobody has polled for a while (the router died or hangs): nobody will read these
+        requests' tokens, so free them rather than decode into the void."""
+        if not self._live or time.monotonic() - self._last_poll < self.config.orphan_timeout_s:
+            return
+        orphans = [r for r in self._live if r not in self._local_sinks]
+        if not orphans:
+            return
+        log.warning("engine %s: no poll for %.0fs, aborting %d orphaned request(s)", self.instance_id,
+                    self.config.orphan_timeout_s, len(orphans))
+        self.engine.abort_request(orphans)
+        self._live.difference_update(orphans)
+        self._awaiting_first.difference_update(orphans)
+        self.orphans_freed += len(orphans)
+        with self._cond:
+            self._outputs.clear()
 
     def _idle(self, timeout_s: float) -> None:
         self._wake.wait(timeout_s)

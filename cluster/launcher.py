@@ -71,7 +71,7 @@ class RunningCluster:
 
         await self.server.stop(grace_s)
         await self.router.stop()
-        for actor in self.actors:
+        for actor in self.router.actors():
             try:
                 ray.get(actor.shutdown.remote(), timeout=10)
             except Exception:  # already dead: killing it below is enough
@@ -124,8 +124,13 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
     instances = [Instance(info=infos[i], actor=actor) for i, actor in enumerate(actors)]
     first = instances[0].info
     metrics = RouterMetrics()
+    pools = {p.role: p for p in config.pools}
+
+    def respawn(info: InstanceInfo):
+        return spawn_worker(config.engine, pools[info.role], info.instance_id, config.transfer, config.spec)
+
     router = Router(config.router, instances, load_tokenizer(config.engine.tokenizer or config.engine.model),
-                    metrics)
+                    metrics, respawn=respawn)
     router.start()
     max_prompt = config.router.max_prompt_tokens or first.max_model_len - 1
     limits = Limits(
@@ -133,10 +138,14 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
         vocab_size=first.vocab_size,
         default_max_tokens=config.router.default_max_tokens,
         max_prompt_tokens=min(max_prompt, first.max_model_len - 1),
+        max_tokens_limit=config.router.max_tokens_limit,
     )
     servicer = DisaggServeServicer(router, config.engine.model, limits, first.block_size,
                                    first.eos_token_ids, first.bos_token_id)
-    server, port = await start_grpc_server(servicer, config.router.host, config.router.port)
+    rc = config.router
+    tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert else None
+    server, port = await start_grpc_server(servicer, rc.host, rc.port, max_concurrent_rpcs=rc.max_in_flight + 64,
+                                           tls=tls, auth_token=rc.auth_token)
     metrics_server = None
     if config.router.metrics_port is not None:
         metrics_server = metrics.serve(config.router.metrics_port)

@@ -98,3 +98,4 @@ class InstanceInfo:
     vocab_size: int
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
+    pid: int = 0

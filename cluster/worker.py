@@ -84,6 +84,7 @@ class EngineWorker:
             vocab_size=va.vocab_size(engine),
             eos_token_ids=tuple(e for e in eos if e is not None),
             bos_token_id=engine.model_config.hf_config.bos_token_id,
+            pid=os.getpid(),
         )
 
     def add_request(self, request: EngineRequest) -> None:

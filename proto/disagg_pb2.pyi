@@ -191,7 +191,7 @@ class SpecDecodeStats(_message.Message):
     def __init__(self, num_speculative_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., request_steps: _Optional[int] = ..., proposed: _Optional[int] = ..., planned: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., verified_request_steps: _Optional[int] = ..., window_fallbacks: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_per_request_step: _Optional[float] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason", "spec_decode")
+    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason", "spec_decode", "restarts", "pid")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,8 @@ class InstanceStatus(_message.Message):
     KV_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     DEATH_REASON_FIELD_NUMBER: _ClassVar[int]
     SPEC_DECODE_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     state: str
@@ -214,7 +216,9 @@ class InstanceStatus(_message.Message):
     kv_transfer: KVTransferStats
     death_reason: str
     spec_decode: SpecDecodeStats
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ...) -> None: ...
+    restarts: int
+    pid: int
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
     __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode")

@@ -9,6 +9,7 @@ from cluster.protocol import InstanceInfo, LoadReport
 
 
 class InstanceState(str, enum.Enum):
+    STARTING = "starting"
     READY = "ready"
     DRAINING = "draining"
     DEAD = "dead"
@@ -25,6 +26,7 @@ class Instance:
     queued_prompt_tokens: int = 0
     requests_served: int = 0
     death_reason: str | None = None
+    restarts: int = 0
 
     @property
     def instance_id(self) -> str:

@@ -31,10 +31,22 @@ class RouterMetrics:
                                 ["finish_reason", "status"], registry=r)
         self.prompt_tokens = Counter("disagg_prompt_tokens", "Prompt tokens of accepted requests", registry=r)
         self.generation_tokens = Counter("disagg_generation_tokens", "Generated tokens streamed", registry=r)
+        self.replays = Counter("disagg_request_replays", "Requests replayed after an instance died", registry=r)
+        self.rejected = Counter("disagg_requests_rejected", "Requests refused by admission control", registry=r)
         self.in_flight = Gauge("disagg_requests_in_flight", "Requests accepted and not yet ended", registry=r)
         self.handoff = Histogram("disagg_prefill_to_decode_handoff_seconds",
                                  "From the prefill's first token to the decode's next tokens (KV transfer "
                                  "plus one decode step)", buckets=_LATENCY_BUCKETS, registry=r)
+
+    def e2e_count_sum(self) -> tuple[float, float]:
+        count = total = 0.0
+        for metric in self.e2e.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_count"):
+                    count = sample.value
+                elif sample.name.endswith("_sum"):
+                    total = sample.value
+        return count, total
 
     def watch(self, router) -> None:
         """Per-instance load and KV-transfer figures, read from the router at scrape time."""

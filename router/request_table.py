@@ -24,7 +24,13 @@ class RequestState:
     served_by: list[str] = field(default_factory=list)
     # prefill -> decode for disaggregated requests; single when one engine serves it all.
     phase: str = "single"
+    # The engine-side id of the current attempt ("<id>@<n>"); a replay starts a new attempt.
+    engine_request_id: str = ""
+    attempt: int = 0
+    replays: int = 0
     prefill_instance_id: str | None = None
+    prefill_engine_id: str = ""
+    prefill_tokens: int = 0
     output_token_ids: list[int] = field(default_factory=list)
     num_output_tokens: int = 0
     first_token_at: float | None = None

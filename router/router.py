@@ -44,9 +44,13 @@ class Chunk:
     served_by: tuple[str, ...] = ()
 
 
+class _InstanceFailed(Exception):
+    """An instance failed while taking a request; the request is placed again elsewhere."""
+
+
 class Router:
     def __init__(self, config: RouterConfig, instances: list[Instance], tokenizer,
-                 metrics: RouterMetrics | None = None):
+                 metrics: RouterMetrics | None = None, respawn=None):
         self.config = config
         self.instances = {i.instance_id: i for i in instances}
         self.tokenizer = tokenizer
@@ -58,18 +62,27 @@ class Router:
         self._stopping = False
         roles = {i.role for i in instances}
         self.disaggregated = {"prefill", "decode"} <= roles
+        # respawn(info) -> a fresh actor for a dead instance (from the launcher); None: no respawn.
+        self._respawn_fn = respawn if config.respawn_dead else None
+        self._tasks: set[asyncio.Task] = set()
 
     # ---- lifecycle ----
     def start(self) -> None:
         self.metrics.watch(self)
         for inst in self.instances.values():
-            self._pumps.append(asyncio.create_task(self._pump(inst), name=f"pump-{inst.instance_id}"))
+            self._start_pump(inst)
+
+    def _start_pump(self, inst: Instance) -> None:
+        self._pumps.append(asyncio.create_task(self._pump(inst), name=f"pump-{inst.instance_id}"))
 
     async def stop(self) -> None:
         self._stopping = True
-        for task in self._pumps:
+        for task in self._pumps + list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._pumps, return_exceptions=True)
+        await asyncio.gather(*self._pumps, *self._tasks, return_exceptions=True)
+
+    def actors(self) -> list:
+        return [i.actor for i in self.instances.values()]
 
     def ready(self, role: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.ready and i.role == role]
@@ -77,6 +90,12 @@ class Router:
     # ---- requests ----
     async def generate(self, request: ValidatedRequest):
         """Async iterator of Chunks; the last one has finished=True. Raises RequestError."""
+        if len(self.table) >= self.config.max_in_flight:
+            self.metrics.rejected.inc()
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server busy: {len(self.table)} requests in flight (limit {self.config.max_in_flight}); "
+                "retry later", retry_after_ms=self._retry_hint_ms())
         request_id = request.client_request_id or uuid.uuid4().hex
         state = RequestState(request_id, request)
         self.table.add(state)
@@ -85,7 +104,7 @@ class Router:
         self.metrics.prompt_tokens.inc(len(request.prompt_token_ids))
         status, finish_reason = "OK", "none"
         try:
-            await self._place(state)
+            await self._place_resilient(state)
             async for chunk in self._stream(state):
                 if chunk.finished:
                     finish_reason = chunk.finish_reason
@@ -101,84 +120,143 @@ class Router:
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(finish_reason, status).inc()
 
+    def _retry_hint_ms(self) -> int:
+        """Roughly how long until a slot frees: the mean request time seen so far, bounded."""
+        count, total = self.metrics.e2e_count_sum()
+        mean_s = total / count if count else 1.0
+        return int(min(30.0, max(0.1, mean_s)) * 1000)
+
     async def abort(self, request_id: str) -> None:
         state = self.table.get(request_id)
         if state is None or state.finished:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no in-flight request with id {request_id!r}")
         state.abort_requested = True
         # End the stream here, whatever phase the request is in; the engine side follows.
-        state.deltas.put_nowait(TokenDelta(request_id, [], True, "abort"))
+        state.deltas.put_nowait(TokenDelta(state.engine_request_id or request_id, [], True, "abort"))
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is not None and inst.ready:
-            await self._call(inst.actor.abort.remote([request_id]))
+            await self._call(inst.actor.abort.remote([state.engine_request_id]))
+
+    def _remaining(self, state: RequestState):
+        """What is left of a request: prompt + tokens streamed so far, and the sampling budget
+        that remains. A first placement, a hand-off and a replay all start from this."""
+        req = state.request
+        done = len(state.output_token_ids)
+        sampling = dataclasses.replace(req.sampling, max_tokens=req.sampling.max_tokens - done,
+                                       min_tokens=max(0, req.sampling.min_tokens - done))
+        return req.prompt_token_ids + tuple(state.output_token_ids), sampling
+
+    def _next_attempt(self, state: RequestState) -> str:
+        """Engine-side ids are unique per attempt, so a replay never collides with leftovers."""
+        state.attempt += 1
+        state.engine_request_id = f"{state.request_id}@{state.attempt}"
+        return state.engine_request_id
 
     async def _place(self, state: RequestState) -> None:
-        req = state.request
-        if self.disaggregated and req.sampling.max_tokens > 1:
-            await self._place_prefill(state)
+        prompt, sampling = self._remaining(state)
+        if self.disaggregated and sampling.max_tokens > 1:
+            await self._place_prefill(state, prompt, sampling)
             return
         role = "prefill" if self.disaggregated else "colocated"
-        inst = self._pick(role, least_loaded)
-        engine_request = EngineRequest(state.request_id, req.prompt_token_ids, req.sampling, req.priority)
-        await self._add(inst, state, engine_request, inst.actor.add_request.remote(engine_request))
+        inst = await self._pick(role, least_loaded)
+        state.phase = "single"
+        engine_request = EngineRequest(self._next_attempt(state), prompt, sampling, state.request.priority)
+        await self._add(inst, state, inst.actor.add_request.remote(engine_request))
 
-    async def _place_prefill(self, state: RequestState) -> None:
-        req = state.request
-        inst = self._pick("prefill", fewest_queued_prompt_tokens)
-        sampling = dataclasses.replace(req.sampling, max_tokens=1, min_tokens=min(1, req.sampling.min_tokens))
-        engine_request = EngineRequest(state.request_id, req.prompt_token_ids, sampling, req.priority,
-                                       kv_transfer={"do_remote_decode": True, "transfer_id": state.request_id})
+    async def _place_prefill(self, state: RequestState, prompt, sampling) -> None:
+        inst = await self._pick("prefill", fewest_queued_prompt_tokens)
+        engine_id = self._next_attempt(state)
+        one_token = dataclasses.replace(sampling, max_tokens=1, min_tokens=min(1, sampling.min_tokens))
+        engine_request = EngineRequest(engine_id, prompt, one_token, state.request.priority,
+                                       kv_transfer={"do_remote_decode": True, "transfer_id": engine_id})
         state.phase = "prefill"
         state.prefill_instance_id = inst.instance_id
-        inst.queued_prompt_tokens += len(req.prompt_token_ids)
+        state.prefill_engine_id = engine_id
+        state.prefill_tokens = len(prompt)
+        inst.queued_prompt_tokens += len(prompt)
         try:
-            await self._add(inst, state, engine_request, inst.actor.add_request.remote(engine_request))
+            await self._add(inst, state, inst.actor.add_request.remote(engine_request))
         except RequestError:
-            inst.queued_prompt_tokens -= len(req.prompt_token_ids)
+            inst.queued_prompt_tokens -= len(prompt)
             raise
 
     async def _handoff(self, state: RequestState) -> None:
         """Prefill done: move the request (prompt + tokens so far) to a decode instance."""
-        req = state.request
         source = self.instances[state.prefill_instance_id]
-        target = self._pick("decode", freest)
-        done = len(state.output_token_ids)
-        sampling = dataclasses.replace(req.sampling, max_tokens=req.sampling.max_tokens - done,
-                                       min_tokens=max(0, req.sampling.min_tokens - done))
-        engine_request = EngineRequest(state.request_id, req.prompt_token_ids + tuple(state.output_token_ids),
-                                       sampling, req.priority,
-                                       kv_transfer={"do_remote_prefill": True, "transfer_id": state.request_id})
+        target = await self._pick("decode", freest)
+        prompt, sampling = self._remaining(state)
+        transfer_id = state.prefill_engine_id
+        engine_request = EngineRequest(transfer_id, prompt, sampling, state.request.priority,
+                                       kv_transfer={"do_remote_prefill": True, "transfer_id": transfer_id})
         self._leave(source, state)
         state.phase = "decode"
         state.handoff_at = time.monotonic()
         ref = target.actor.add_transferred.remote(engine_request, source.instance_id, source.actor,
-                                                  len(req.prompt_token_ids))
-        await self._add(target, state, engine_request, ref)
+                                                  state.prefill_tokens)
+        await self._add(target, state, ref)
 
-    def _pick(self, role: str, policy) -> Instance:
-        candidates = [Candidate(i.instance_id, len(i.in_flight), i.load.num_free_blocks if i.load else 0,
-                                i.queued_prompt_tokens) for i in self.ready(role)]
-        chosen = policy(candidates)
-        if chosen is None:
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no {role} instance is available")
-        return self.instances[chosen]
+    async def _place_resilient(self, state: RequestState, failure: str | None = None) -> None:
+        """Places the request (or, after `failure`, replays it), moving on past instances that
+        fail while taking it, within the request's replay budget."""
+        while True:
+            try:
+                if failure is None:
+                    await self._place(state)
+                else:
+                    await self._replay(state, failure)
+                return
+            except _InstanceFailed as exc:
+                failure = str(exc)
 
-    async def _add(self, inst: Instance, state: RequestState, engine_request: EngineRequest, ref) -> None:
+    async def _replay(self, state: RequestState, reason: str) -> None:
+        """The instance serving the request died: run what is left of it elsewhere."""
+        state.replays += 1
+        if state.replays > self.config.max_replays:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               f"request failed after {self.config.max_replays} replay(s); last error: {reason}")
+        log.warning("replaying request %s (%d tokens streamed) after: %s", state.request_id,
+                    len(state.output_token_ids), reason)
+        self.metrics.replays.inc()
+        inst = self.instances.get(state.instance_id) if state.instance_id else None
+        if inst is not None and state.request_id in inst.in_flight:
+            self._leave(inst, state)
+        self._release_prefill_hold(state)
+        await self._place(state)
+
+    async def _pick(self, role: str, policy) -> Instance:
+        """The policy's choice among ready instances; while every instance of the role is being
+        replaced, waits (bounded) for one to come back rather than failing at once."""
+        deadline = time.monotonic() + self.config.instance_wait_s
+        while True:
+            candidates = [Candidate(i.instance_id, len(i.in_flight), i.load.num_free_blocks if i.load else 0,
+                                    i.queued_prompt_tokens) for i in self.ready(role)]
+            chosen = policy(candidates)
+            if chosen is not None:
+                return self.instances[chosen]
+            coming = any(i.role == role and i.state == InstanceState.STARTING or
+                         (i.role == role and i.state == InstanceState.DEAD and self._respawn_fn is not None)
+                         for i in self.instances.values())
+            if not coming or time.monotonic() > deadline:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"no {role} instance is available")
+            await asyncio.sleep(0.1)
+
+    async def _add(self, inst: Instance, state: RequestState, ref) -> None:
         state.instance_id = inst.instance_id
         inst.in_flight.add(state.request_id)
         try:
             await self._call(ref)
         except Exception as exc:
             inst.in_flight.discard(state.request_id)
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
-                               f"instance {inst.instance_id} did not accept the request: {exc}") from exc
+            reason = f"instance {inst.instance_id} did not accept the request: {type(exc).__name__}: {exc}"
+            self._mark_dead(inst, reason)
+            raise _InstanceFailed(reason) from exc
         state.served_by.append(inst.instance_id)
 
     def _leave(self, inst: Instance, state: RequestState) -> None:
         inst.in_flight.discard(state.request_id)
         inst.requests_served += 1
         if state.phase == "prefill":
-            inst.queued_prompt_tokens -= len(state.request.prompt_token_ids)
+            inst.queued_prompt_tokens -= state.prefill_tokens
 
     async def _stream(self, state: RequestState):
         req = state.request
@@ -190,7 +268,8 @@ class Router:
                 raise RequestError(grpc.StatusCode.INTERNAL,
                                    f"instance {state.instance_id} failed the request: {delta.error}")
             if delta.finish_reason == "dead":
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, delta.error or "instance died")
+                await self._place_resilient(state, delta.error or "instance died")
+                continue
             self._observe_tokens(state, delta.token_ids, time.monotonic())
             # A prefill that ran to its one-token limit is not the end of the request.
             hand_off = (state.phase == "prefill" and delta.finished and delta.finish_reason == "length")
@@ -212,7 +291,10 @@ class Router:
             if chunk.finished:
                 return
             if hand_off:
-                await self._handoff(state)
+                try:
+                    await self._handoff(state)
+                except _InstanceFailed as exc:
+                    await self._place_resilient(state, str(exc))
 
     def _finish(self, chunk: Chunk, state: RequestState, reason: str, stop_reason: str) -> None:
         state.finished = True
@@ -250,18 +332,22 @@ class Router:
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is not None and state.request_id in inst.in_flight:
             self._leave(inst, state)
-        if state.prefill_instance_id is not None:
-            # Idempotent: frees the prefill's held blocks if no decode instance fetched them.
-            source = self.instances[state.prefill_instance_id]
-            if source.ready:
-                self._fire(source.actor.kv_release.remote(state.request_id))
+        self._release_prefill_hold(state)
         self.table.remove(state.request_id)
+
+    def _release_prefill_hold(self, state: RequestState) -> None:
+        """Idempotent: frees the prefill's held blocks if no decode instance fetched them."""
+        if state.prefill_instance_id is None:
+            return
+        source = self.instances[state.prefill_instance_id]
+        if source.ready:
+            self._fire(source.actor.kv_release.remote(state.prefill_engine_id))
 
     def _abort_quietly(self, state: RequestState) -> None:
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is None or not inst.ready:
             return
-        self._fire(inst.actor.abort.remote([state.request_id]))
+        self._fire(inst.actor.abort.remote([state.engine_request_id]))
 
     def _fire(self, ref) -> None:
         """A best-effort call with a deadline whose result nobody waits for."""
@@ -285,8 +371,9 @@ class Router:
                 return
             inst.load = batch.load
             for delta in batch.deltas:
-                state = self.table.get(delta.request_id)
-                if state is not None and state.instance_id == inst.instance_id:
+                state = self.table.get(delta.request_id.rpartition("@")[0])
+                if (state is not None and state.instance_id == inst.instance_id
+                        and state.engine_request_id == delta.request_id):
                     state.deltas.put_nowait(delta)
             if batch.fatal_error:
                 self._mark_dead(inst, batch.fatal_error)
@@ -298,8 +385,43 @@ class Router:
         log.error("instance %s is dead: %s", inst.instance_id, reason)
         inst.state = InstanceState.DEAD
         inst.death_reason = reason
+        if self._respawn_fn is not None and not self._stopping:
+            task = asyncio.get_running_loop().create_task(self._respawn(inst))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         for request_id in list(inst.in_flight):
             state = self.table.get(request_id)
             if state is not None:
-                state.deltas.put_nowait(TokenDelta(request_id, [], True, "dead",
+                state.deltas.put_nowait(TokenDelta(state.engine_request_id, [], True, "dead",
                                                    error=f"instance {inst.instance_id} died: {reason}"))
+
+    async def _respawn(self, inst: Instance) -> None:
+        """Replaces a dead instance with a fresh actor of the same pool; it rejoins when ready."""
+        import ray
+
+        try:
+            ray.kill(inst.actor)  # a hung actor must not come back to life half-way
+        except Exception:
+            pass
+        delay = 1.0
+        while not self._stopping:
+            inst.state = InstanceState.STARTING
+            try:
+                actor = self._respawn_fn(inst.info)
+                info = await asyncio.wait_for(actor.info.remote(), timeout=self.config.startup_timeout_s)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.error("respawning %s failed (%s); retrying in %.0fs", inst.instance_id, exc, delay)
+                inst.state = InstanceState.DEAD
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+                continue
+            inst.actor, inst.info, inst.load = actor, info, None
+            inst.in_flight.clear()
+            inst.queued_prompt_tokens = 0
+            inst.restarts += 1
+            inst.state = InstanceState.READY
+            log.warning("instance %s is back (restart %d)", inst.instance_id, inst.restarts)
+            self._start_pump(inst)
+            return

@@ -10,7 +10,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from proto import disagg_pb2 as pb
-from proto import disagg_pb2_grpc as pb_grpc
 from router.errors import RequestError
 from router.router import Chunk, Router
 from router.validation import Limits, validate
@@ -27,6 +26,54 @@ _FINISH = {
 }
 
 
+class _Unparsable:
+    """Stands in for a request whose bytes are not a valid message (e.g. invalid UTF-8)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _safe_parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+            return _Unparsable(exc)
+
+    return parse
+
+
+def _check_parsed(request) -> None:
+    if isinstance(request, _Unparsable):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"request is not a valid message (string fields must be UTF-8): {request.error}")
+
+
+async def _abort(context, exc: RequestError) -> None:
+    if exc.retry_after_ms is not None:
+        context.set_trailing_metadata((("retry-after-ms", str(exc.retry_after_ms)),))
+    await context.abort(exc.code, exc.message)
+
+
+def add_servicer(servicer: "DisaggServeServicer", server) -> None:
+    """Like the generated add_DisaggServeServicer_to_server, but malformed request bytes reach
+    the handler (and get INVALID_ARGUMENT) instead of failing inside gRPC with INTERNAL."""
+    def handler(kind, fn, request_cls, response_cls):
+        return kind(fn, request_deserializer=_safe_parser(request_cls),
+                    response_serializer=response_cls.SerializeToString)
+
+    handlers = {
+        "Generate": handler(grpc.unary_stream_rpc_method_handler, servicer.Generate,
+                            pb.GenerateRequest, pb.GenerateResponse),
+        "Abort": handler(grpc.unary_unary_rpc_method_handler, servicer.Abort, pb.AbortRequest, pb.AbortResponse),
+        "GetModelInfo": handler(grpc.unary_unary_rpc_method_handler, servicer.GetModelInfo,
+                                pb.GetModelInfoRequest, pb.ModelInfo),
+        "GetClusterStatus": handler(grpc.unary_unary_rpc_method_handler, servicer.GetClusterStatus,
+                                    pb.GetClusterStatusRequest, pb.ClusterStatus),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+
+
 def chunk_to_proto(chunk: Chunk) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text)
     if chunk.finished:
@@ -39,7 +86,7 @@ def chunk_to_proto(chunk: Chunk) -> pb.GenerateResponse:
     return msg
 
 
-class DisaggServeServicer(pb_grpc.DisaggServeServicer):
+class DisaggServeServicer:
     def __init__(self, router: Router, model_name: str, limits: Limits, block_size: int,
                  eos_token_ids, bos_token_id):
         self.router = router
@@ -54,17 +101,19 @@ class DisaggServeServicer(pb_grpc.DisaggServeServicer):
 
     async def Generate(self, request, context):
         try:
+            _check_parsed(request)
             validated = validate(request, self._tokenize, self.limits)
             async for chunk in self.router.generate(validated):
                 yield chunk_to_proto(chunk)
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await _abort(context, exc)
 
     async def Abort(self, request, context):
         try:
+            _check_parsed(request)
             await self.router.abort(request.request_id)
         except RequestError as exc:
-            await context.abort(exc.code, exc.message)
+            await _abort(context, exc)
         return pb.AbortResponse()
 
     async def GetModelInfo(self, request, context):
@@ -92,7 +141,7 @@ class DisaggServeServicer(pb_grpc.DisaggServeServicer):
             entry = status.instances.add(
                 instance_id=inst.instance_id, role=inst.role, state=inst.state.value,
                 node_id=inst.info.node_id, requests_served=inst.requests_served,
-                death_reason=inst.death_reason or "",
+                death_reason=inst.death_reason or "", restarts=inst.restarts, pid=inst.info.pid,
             )
             if inst.load is not None:
                 load = inst.load
@@ -112,20 +161,30 @@ class DisaggServeServicer(pb_grpc.DisaggServeServicer):
         return status
 
 
-async def start_grpc_server(servicer: DisaggServeServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc_server(servicer: DisaggServeServicer, host: str, port: int, *,
+                            max_concurrent_rpcs: int | None = None, tls: tuple[str, str] | None = None,
+                            auth_token: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (port 0 picks a free one)."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.so_reuseport", 0),
-    ])
-    pb_grpc.add_DisaggServeServicer_to_server(servicer, server)
+    from router.security import BearerTokenInterceptor, server_credentials
+
+    interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
+    server = grpc.aio.server(
+        interceptors=interceptors,
+        # A hard backstop past the router's own admission control: gRPC itself answers
+        # RESOURCE_EXHAUSTED instead of buffering without bound.
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
+        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
+    )
+    add_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = (server.add_secure_port(address, server_credentials(*tls)) if tls
+             else server.add_insecure_port(address))
     if bound == 0:
         raise RuntimeError(f"cannot bind the gRPC port {host}:{port}")
     await server.start()

@@ -22,6 +22,8 @@ class Limits:
     default_max_tokens: int
     # Longest prompt accepted (at most max_model_len - 1, so one token can be generated).
     max_prompt_tokens: int
+    # Largest max_tokens accepted (0: no limit beyond the model's length).
+    max_tokens_limit: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,9 @@ def validate(request, tokenize, limits: Limits) -> ValidatedRequest:
         max_tokens = s.max_tokens
         if max_tokens <= 0:
             raise RequestError.invalid(f"max_tokens must be >= 1, got {max_tokens}")
+        if limits.max_tokens_limit and max_tokens > limits.max_tokens_limit:
+            raise RequestError.invalid(f"max_tokens {max_tokens} is over this server's limit of "
+                                       f"{limits.max_tokens_limit}")
         if max_tokens > room:
             raise RequestError.invalid(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the "
@@ -87,6 +92,8 @@ def validate(request, tokenize, limits: Limits) -> ValidatedRequest:
             )
     else:
         max_tokens = min(limits.default_max_tokens, room)
+        if limits.max_tokens_limit:
+            max_tokens = min(max_tokens, limits.max_tokens_limit)
 
     temperature = _finite("temperature", s.temperature) if s.HasField("temperature") else 1.0
     if temperature < 0:
