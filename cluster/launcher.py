@@ -31,8 +31,17 @@ def init_ray(config: ServeConfig) -> None:
     needed = sum(p.num_cpus * p.num_instances for p in config.pools)
     # A local Ray instance is one node serving every pool: it advertises all pool resources.
     resources = {p.resource: p.num_instances for p in config.pools if p.resource and p.num_instances}
-    ray.init(num_cpus=config.local_num_cpus or max(2, needed), resources=resources,
-             include_dashboard=False, log_to_driver=config.worker_logs_to_driver)
+    for attempt in (1, 2, 3):
+        try:
+            ray.init(num_cpus=config.local_num_cpus or max(2, needed), resources=resources,
+                     include_dashboard=False, log_to_driver=config.worker_logs_to_driver)
+            return
+        except Exception as exc:  # e.g. "node timed out during startup" on a loaded machine
+            if attempt == 3:
+                raise
+            _say(f"starting Ray failed ({exc}); retrying")
+            ray.shutdown()
+            time.sleep(2.0 * attempt)
 
 
 def check_pool_resources(config: ServeConfig) -> None:

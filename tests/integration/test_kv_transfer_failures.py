@@ -24,13 +24,14 @@ def local_ray():
     ray.shutdown()
 
 
-def engine_config(target_model):
-    return EngineConfig(model=target_model, max_model_len=MAX_MODEL_LEN, dtype="float32", cpu_kv_cache_gib=0.25)
+def engine_config(target_model, **overrides):
+    return EngineConfig(model=target_model, max_model_len=MAX_MODEL_LEN, dtype="float32", cpu_kv_cache_gib=0.25,
+                        **overrides)
 
 
-def start(target_model, role, name, policy="recompute"):
-    pool = PoolConfig(role, 1, num_cpus=0.5, resource=f"disagg_{role}")
-    actor = spawn_worker(engine_config(target_model), pool, name,
+def start(target_model, role, name, policy="recompute", **engine_overrides):
+    pool = PoolConfig(role, 1, num_cpus=0.5, resource=f"disagg_{role}" if role != "colocated" else None)
+    actor = spawn_worker(engine_config(target_model, **engine_overrides), pool, name,
                          TransferConfig(timeout_s=TIMEOUT_S, hold_timeout_s=TIMEOUT_S, failure_policy=policy))
     ray.get(actor.info.remote(), timeout=300)
     return actor
@@ -141,3 +142,18 @@ def test_unfetched_hold_expires_when_decode_never_comes(local_ray, target_model,
     load = idle_blocks(source)
     assert load.num_free_blocks == load.num_total_blocks and load.kv["expired_holds"] == 1
     ray.kill(source)
+
+
+def test_orphaned_requests_are_freed_when_nobody_polls(local_ray, target_model):
+    """The router died: no poll comes, so the worker aborts its requests and frees their KV."""
+    worker = start(target_model, "colocated", "orphan-host", orphan_timeout_s=2.0)
+    req = EngineRequest("orphan", tuple(range(10, 300)), Sampling(max_tokens=900, temperature=0.0, ignore_eos=True))
+    ray.get(worker.add_request.remote(req), timeout=30)
+    time.sleep(0.5)
+    busy = ray.get(worker.load.remote(), timeout=30)
+    assert busy.num_running == 1 and busy.num_free_blocks < busy.num_total_blocks
+    time.sleep(3.0)  # no poll() in the meantime
+    load = ray.get(worker.load.remote(), timeout=30)
+    assert load.num_running == 0 and load.num_free_blocks == load.num_total_blocks
+    assert load.tokens_generated < 900  # stopped early, not decoded into the void
+    ray.kill(worker)
