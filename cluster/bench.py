@@ -44,7 +44,7 @@ class BenchConfig:
     progress: bool = True
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "BenchConfig":
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
         return cls(
             server=args.server, num_prompts=args.num_prompts, request_rate=args.request_rate,
             burstiness=args.burstiness, dataset=args.dataset, input_len=args.input_len,
@@ -327,7 +327,7 @@ def in_flight_steps(records: list[RequestRecord]) -> tuple[np.ndarray, np.ndarra
     events = []
     for r in records:
         if r.send_s is not None:
-            stop = next((t for t in (r.done_s, r.end_s, r.send_s) if t is not None))
+            stop = next(t for t in (r.done_s, r.end_s, r.send_s) if t is not None)
             events.append((r.send_s, 1))
             events.append((stop, -1))
     events.sort(key=lambda e: (e[0], e[1]))  # ends before starts at the same instant

@@ -7,8 +7,15 @@ import json
 import os
 import sys
 
-from cluster.config import (POOL_RESOURCES, EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig,
-                            TransferConfig)
+from cluster.config import (
+    POOL_RESOURCES,
+    EngineConfig,
+    PoolConfig,
+    RouterConfig,
+    ServeConfig,
+    SpecConfig,
+    TransferConfig,
+)
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:

@@ -164,7 +164,7 @@ class ServeConfig:
     # Stream worker logs to the driver's console (Ray's log_to_driver).
     worker_logs_to_driver: bool = True
 
-    def replace(self, **changes) -> "ServeConfig":
+    def replace(self, **changes) -> ServeConfig:
         return dataclasses.replace(self, **changes)
 
     def pool(self, role: str) -> PoolConfig | None:

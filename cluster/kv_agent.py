@@ -22,16 +22,16 @@ from cluster.kv_transport import KVTransport, SourceRef, tensor_to_wire
 
 log = logging.getLogger(__name__)
 
-_AGENTS: dict[str, "KVTransferAgent"] = {}
+_AGENTS: dict[str, KVTransferAgent] = {}
 _AGENTS_LOCK = threading.Lock()
 
 
-def register_agent(agent: "KVTransferAgent") -> None:
+def register_agent(agent: KVTransferAgent) -> None:
     with _AGENTS_LOCK:
         _AGENTS[agent.agent_id] = agent
 
 
-def get_agent(agent_id: str) -> "KVTransferAgent":
+def get_agent(agent_id: str) -> KVTransferAgent:
     with _AGENTS_LOCK:
         agent = _AGENTS.get(agent_id)
     if agent is None:

@@ -69,7 +69,7 @@ class NcclLink:
         self.lock = threading.Lock()  # one transfer at a time per link keeps both sides in step
 
     @classmethod
-    def create(cls, nranks: int, unique_id, rank: int, peer: int, device: torch.device) -> "NcclLink":
+    def create(cls, nranks: int, unique_id, rank: int, peer: int, device: torch.device) -> NcclLink:
         nccl = _nccl()
         with torch.cuda.device(device):
             comm = nccl.NcclCommunicator(nranks, unique_id, rank)

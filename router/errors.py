@@ -14,5 +14,5 @@ class RequestError(Exception):
         self.retry_after_ms = retry_after_ms
 
     @classmethod
-    def invalid(cls, message: str) -> "RequestError":
+    def invalid(cls, message: str) -> RequestError:
         return cls(grpc.StatusCode.INVALID_ARGUMENT, message)

@@ -55,7 +55,7 @@ async def _abort(context, exc: RequestError) -> None:
     await context.abort(exc.code, exc.message)
 
 
-def add_servicer(servicer: "DisaggServeServicer", server) -> None:
+def add_servicer(servicer: DisaggServeServicer, server) -> None:
     """Like the generated add_DisaggServeServicer_to_server, but malformed request bytes reach
     the handler (and get INVALID_ARGUMENT) instead of failing inside gRPC with INTERNAL."""
     def handler(kind, fn, request_cls, response_cls):

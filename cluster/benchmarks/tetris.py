@@ -83,8 +83,8 @@ def _measure(engine, stats, prompts, args, tag) -> dict:
 
 
 def run(args) -> dict:
-    from cluster.models import build_demo_models
     from cluster.launcher import load_tokenizer
+    from cluster.models import build_demo_models
 
     demo = build_demo_models() if not (args.target and args.draft) else None
     target, draft = args.target or str(demo / "target"), args.draft or str(demo / "draft")

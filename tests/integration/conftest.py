@@ -175,3 +175,20 @@ def tokenizer(target_model):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(target_model)
+
+
+def greedy_concurrently(address: str, prompts, max_tokens) -> list:
+    """Sends every prompt at once over one channel; greedy Completions in prompt order."""
+    import asyncio
+
+    from cluster.client import AsyncClient
+
+    async def run_all():
+        client = AsyncClient(address)
+        try:
+            return await asyncio.gather(*[client.generate(p, max_tokens=m, temperature=0.0)
+                                          for p, m in zip(prompts, max_tokens)])
+        finally:
+            await client.close()
+
+    return asyncio.run(run_all())

@@ -14,7 +14,14 @@ import grpc
 import pytest
 
 from cluster.client import AsyncClient, status_to_dict
-from tests.integration.conftest import MAX_MODEL_LEN, REPO, corpus_token_ids, reference_greedy, wait_idle
+from tests.integration.conftest import (
+    MAX_MODEL_LEN,
+    REPO,
+    corpus_token_ids,
+    greedy_concurrently,
+    reference_greedy,
+    wait_idle,
+)
 
 
 def test_greedy_equals_plain_vllm(client, reference_llm, tokenizer):
@@ -24,15 +31,7 @@ def test_greedy_equals_plain_vllm(client, reference_llm, tokenizer):
     max_tokens = [min(48, MAX_MODEL_LEN - n) for n in lengths]
     expected = reference_greedy(reference_llm, prompts, max_tokens)
 
-    async def run_all():
-        aclient = AsyncClient(client_address(client))
-        try:
-            return await asyncio.gather(*[aclient.generate(p, max_tokens=m, temperature=0.0)
-                                          for p, m in zip(prompts, max_tokens)])
-        finally:
-            await aclient.close()
-
-    got = asyncio.run(run_all())
+    got = greedy_concurrently(client.address, prompts, max_tokens)
     for n, completion, want in zip(lengths, got, expected):
         assert completion.token_ids == want, f"prompt of {n} tokens diverged"
         assert completion.prompt_tokens == n and completion.completion_tokens == len(want)

@@ -14,8 +14,14 @@ import grpc
 import pytest
 
 from cluster.client import AsyncClient, Client, status_to_dict
-from tests.integration.conftest import (ENGINE_ARGS, ServerProcess, corpus_token_ids, reference_greedy,
-                                        run_server, wait_idle)
+from tests.integration.conftest import (
+    ENGINE_ARGS,
+    ServerProcess,
+    corpus_token_ids,
+    reference_greedy,
+    run_server,
+    wait_idle,
+)
 
 NUM_REQUESTS = 200
 

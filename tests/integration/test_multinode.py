@@ -8,7 +8,12 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.client import Client, status_to_dict
-from tests.integration.conftest import ENGINE_ARGS, ServerProcess, corpus_token_ids, reference_greedy
+from tests.integration.conftest import (
+    ENGINE_ARGS,
+    ServerProcess,
+    corpus_token_ids,
+    reference_greedy,
+)
 
 
 @pytest.fixture(scope="module")

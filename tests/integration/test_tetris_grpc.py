@@ -3,13 +3,19 @@ outputs, reproducible seeded sampling across fresh servers, counters in status/P
 
 from __future__ import annotations
 
-import asyncio
 import urllib.request
 
 import pytest
 
-from cluster.client import AsyncClient, Client, status_to_dict
-from tests.integration.conftest import ENGINE_ARGS, ServerProcess, corpus_token_ids, reference_greedy, wait_idle
+from cluster.client import Client
+from tests.integration.conftest import (
+    ENGINE_ARGS,
+    ServerProcess,
+    corpus_token_ids,
+    greedy_concurrently,
+    reference_greedy,
+    wait_idle,
+)
 
 
 def spec_server_args(target_model, demo_models):
@@ -50,15 +56,7 @@ def test_greedy_with_tetris_equals_plain_engine(spec_server, reference_llm, toke
     max_tokens = [32, 24, 40, 16, 32, 28, 40, 20]
     expected = reference_greedy(reference_llm, prompts, max_tokens)
 
-    async def run_all():
-        aclient = AsyncClient(spec_server.address)
-        try:
-            return await asyncio.gather(*[aclient.generate(p, max_tokens=m, temperature=0.0)
-                                          for p, m in zip(prompts, max_tokens)])
-        finally:
-            await aclient.close()
-
-    got = asyncio.run(run_all())
+    got = greedy_concurrently(spec_server.address, prompts, max_tokens)
     for n, completion, want in zip(lengths, got, expected):
         assert completion.token_ids == want, f"prompt of {n} tokens diverged under TETRIS"
     with Client(spec_server.address) as client:
