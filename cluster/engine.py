@@ -268,7 +268,7 @@ class EngineLoop:
                 self._cond.notify_all()
 
     def _measure_load(self) -> LoadReport:
-        running, waiting, queued = va.queue_snapshot(self.engine)
+        running, waiting, queued, head_blocks = va.queue_snapshot(self.engine)
         return LoadReport(
             instance_id=self.instance_id,
             num_total_blocks=va.num_usable_blocks(self.engine),
@@ -276,6 +276,7 @@ class EngineLoop:
             num_running=running,
             num_waiting=waiting,
             queued_prompt_tokens=queued,
+            head_waiting_blocks=head_blocks,
             steps=self._steps,
             tokens_generated=self._tokens,
             requests_finished=self._finished,

@@ -58,6 +58,8 @@ class LoadReport:
     num_running: int
     num_waiting: int
     queued_prompt_tokens: int
+    # Blocks the head-of-line waiting request needs (Llumnix de-fragmentation signal).
+    head_waiting_blocks: int = 0
     steps: int = 0
     tokens_generated: int = 0
     requests_finished: int = 0

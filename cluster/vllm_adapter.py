@@ -91,13 +91,18 @@ def num_running(engine) -> int:
     return len(scheduler(engine).running)
 
 
-def queue_snapshot(engine) -> tuple[int, int, int]:
-    """(running, waiting, prompt tokens not yet computed) from the scheduler's queues."""
+def queue_snapshot(engine) -> tuple[int, int, int, int]:
+    """(running, waiting, prompt tokens not yet computed, blocks the head-of-line waiting
+    request needs) from the scheduler's queues."""
     sched = scheduler(engine)
     queued = 0
     for request in list(sched.running) + list(sched.waiting):
         queued += max(0, request.num_prompt_tokens - request.num_computed_tokens)
-    return len(sched.running), len(sched.waiting), queued
+    head_blocks = 0
+    waiting = list(sched.waiting)
+    if waiting:
+        head_blocks = -(-waiting[0].num_tokens // block_size(engine))
+    return len(sched.running), len(waiting), queued, head_blocks
 
 
 def has_work(engine) -> bool:

@@ -23,6 +23,7 @@ from cluster.protocol import EngineRequest, TokenDelta
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.dispatcher import Candidate, fewest_queued_prompt_tokens, freest, least_loaded
 from router.errors import RequestError
+from router.freeness import FreenessConfig, InstanceView, pick_dispatch
 from router.instances import Instance, InstanceState
 from router.metrics import RouterMetrics
 from router.request_table import RequestState, RequestTable
@@ -65,6 +66,7 @@ class Router:
         # respawn(info) -> a fresh actor for a dead instance (from the launcher); None: no respawn.
         self._respawn_fn = respawn if config.respawn_dead else None
         self._tasks: set[asyncio.Task] = set()
+        self.freeness = FreenessConfig()
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -183,8 +185,8 @@ class Router:
     async def _handoff(self, state: RequestState) -> None:
         """Prefill done: move the request (prompt + tokens so far) to a decode instance."""
         source = self.instances[state.prefill_instance_id]
-        target = await self._pick("decode", freest)
         prompt, sampling = self._remaining(state)
+        target = await self._pick_decode(len(prompt) + 1, state.request.priority)
         transfer_id = state.prefill_engine_id
         engine_request = EngineRequest(transfer_id, prompt, sampling, state.request.priority,
                                        kv_transfer={"do_remote_prefill": True, "transfer_id": transfer_id})
@@ -222,6 +224,25 @@ class Router:
             self._leave(inst, state)
         self._release_prefill_hold(state)
         await self._place(state)
+
+    async def _pick_decode(self, num_tokens: int, priority: int) -> Instance:
+        """Llumnix freeness: the decode instance with the most free blocks per running request
+        after virtual usage (head-of-line waiting request, high-priority headroom, draining)."""
+        ready = self.ready("decode")
+        if ready and all(i.load is not None for i in ready):
+            block = ready[0].info.block_size
+            views = [InstanceView(
+                instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
+                num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
+                num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
+                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING)
+                for i in ready]
+            chosen = pick_dispatch(views, self.freeness, -(-num_tokens // block), priority)
+            if chosen is not None:
+                return self.instances[chosen]
+        # Nothing fits right now (or no load seen yet): the freest by plain free blocks; the
+        # engine queues the request until blocks free up.
+        return await self._pick("decode", freest)
 
     async def _pick(self, role: str, policy) -> Instance:
         """The policy's choice among ready instances; while every instance of the role is being
