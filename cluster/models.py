@@ -58,6 +58,7 @@ _EXCLUDED_PREFIXES = ("_sysconfigdata", "config-")
 class DemoRecipe:
     """Every knob of the demo build; its hash names the cache directory."""
 
+    # Bump when the code changes what gets built, so stale caches are not reused.
     version: str = "2"
     seed: int = 0
     # Corpus: stdlib *.py files in a hash order, capped for speed.
@@ -556,13 +557,30 @@ def _versions() -> dict:
     }
 
 
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """At most n threads while training (shared 2-core machines); the caller's setting after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _build_demo(tmp: Path, recipe: DemoRecipe, root: Path, progress: bool) -> None:
+    with _torch_threads(2):
+        _train_and_save_demo(tmp, recipe, root, progress)
+
+
+def _train_and_save_demo(tmp: Path, recipe: DemoRecipe, root: Path, progress: bool) -> None:
     import torch
 
     log = _logger(progress)
     t_start = time.perf_counter()
     torch.manual_seed(recipe.seed)
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # shared 2-core machines
     seconds: dict[str, float] = {}
 
     t0 = time.perf_counter()
