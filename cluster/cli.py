@@ -57,8 +57,9 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--tetris-min-batch", type=int, default=2,
                     help="below this batch size every request verifies plain window k")
     t = p.add_argument_group("KV transfer")
-    t.add_argument("--kv-transport", choices=["ray", "nccl"], default="ray",
-                   help="ray: object store (CPU, any host); nccl: CuPy NCCL between GPUs")
+    t.add_argument("--kv-transport", choices=["auto", "shm", "ray", "nccl"], default="auto",
+                   help="auto: shared memory on one host, Ray's object store across hosts; "
+                        "nccl: CuPy NCCL between GPUs")
     t.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="deadline of one transfer, s")
     t.add_argument("--kv-hold-timeout", type=float, default=60.0,
                    help="a prefill frees KV nobody fetched after this many s")

@@ -57,8 +57,9 @@ class EngineConfig:
 class TransferConfig:
     """KV-cache transfer between instances (prefill -> decode, and later decode -> decode)."""
 
-    # ray: Ray's object store (CPU, one host or many); nccl: CuPy NCCL (GPUs).
-    transport: str = "ray"
+    # auto: shared memory between engines on one host, Ray's object store across hosts;
+    # shm / ray: force one of those (CPU caches); nccl: CuPy NCCL (GPU caches).
+    transport: str = "auto"
     # Deadline for one request's KV to arrive at the destination.
     timeout_s: float = 30.0
     # A source frees blocks nobody fetched after this long (the destination died).
@@ -68,8 +69,8 @@ class TransferConfig:
     failure_policy: str = "recompute"
 
     def __post_init__(self):
-        if self.transport not in ("ray", "nccl"):
-            raise ValueError(f"unknown KV transport {self.transport!r}: choose ray or nccl")
+        if self.transport not in ("auto", "shm", "ray", "nccl"):
+            raise ValueError(f"unknown KV transport {self.transport!r}: choose auto, shm, ray or nccl")
         if self.failure_policy not in ("recompute", "fail"):
             raise ValueError(f"unknown transfer failure policy {self.failure_policy!r}: recompute or fail")
 

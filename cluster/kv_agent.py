@@ -93,6 +93,7 @@ class KVTransferAgent:
         self._failed_recving: set[str] = set()
         self._pool = ThreadPoolExecutor(max_parallel_loads, thread_name_prefix=f"kv-load-{agent_id}")
         self._nccl_source = None
+        self._shm_pool = None
         # Set by the engine loop: wakes it when a hand-off needs an engine step.
         self.on_event = lambda: None
 
@@ -122,6 +123,21 @@ class KVTransferAgent:
             self.stats.transfers_out += 1
         return {"signature": self.cache.signature(), "num_tokens": hold.num_tokens, "layers": layers}
 
+    def export_shm(self, transfer_id: str) -> dict | None:
+        """The held blocks of `transfer_id`, gathered into a shared-memory segment (same host)."""
+        from cluster.kv_transport_shm import ShmPool, export_to_shm
+
+        blocks = self.held_blocks(transfer_id)
+        if blocks is None or self.cache is None:
+            return None
+        if self._shm_pool is None:
+            self._shm_pool = ShmPool()
+        meta = export_to_shm(self._shm_pool, transfer_id, self.cache, blocks)
+        with self._lock:
+            self.stats.bytes_sent += len(blocks) * self.cache.bytes_per_block
+            self.stats.transfers_out += 1
+        return meta
+
     def nccl_join(self, key: str, unique_id, signature) -> bool:
         from cluster.kv_transport_nccl import NcclSource
 
@@ -150,6 +166,8 @@ class KVTransferAgent:
             hold = self._holds.pop(transfer_id, None)
             if hold is not None:
                 self._finished_sending.add(hold.internal_id)
+        if self._shm_pool is not None:
+            self._shm_pool.give_back(transfer_id)
         if hold is not None:
             self.on_event()
         return hold is not None
@@ -260,3 +278,5 @@ class KVTransferAgent:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._shm_pool is not None:
+            self._shm_pool.close()

@@ -28,6 +28,7 @@ class SourceRef:
 
     instance_id: str
     actor: object
+    node_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,15 @@ def tensor_from_wire(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> to
     return raw.view(getattr(torch, dtype)).reshape(shape)
 
 
-def make_transport(name: str, instance_id: str) -> KVTransport:
+def make_transport(name: str, instance_id: str, node_id: str | None = None) -> KVTransport:
+    if name == "auto":
+        from cluster.kv_transport_shm import AutoTransport
+
+        return AutoTransport(node_id)
+    if name == "shm":
+        from cluster.kv_transport_shm import SharedMemoryTransport
+
+        return SharedMemoryTransport()
     if name == "ray":
         from cluster.kv_transport_ray import RayObjectTransport
 
@@ -72,4 +81,4 @@ def make_transport(name: str, instance_id: str) -> KVTransport:
         from cluster.kv_transport_nccl import NcclTransport
 
         return NcclTransport(instance_id)
-    raise ValueError(f"unknown KV transport {name!r} (ray, nccl)")
+    raise ValueError(f"unknown KV transport {name!r} (auto, shm, ray, nccl)")

@@ -112,7 +112,10 @@ def _make_kv_agent(instance_id: str, transfer: TransferConfig):
     from cluster.kv_agent import KVTransferAgent, register_agent
     from cluster.kv_transport import make_transport
 
-    agent = KVTransferAgent(instance_id, make_transport(transfer.transport, instance_id),
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    agent = KVTransferAgent(instance_id, make_transport(transfer.transport, instance_id, node_id),
                             timeout_s=transfer.timeout_s,
                             hold_timeout_s=transfer.hold_timeout_s)
     register_agent(agent)
@@ -130,6 +133,9 @@ class KVWorkerMixin:
 
     def kv_release(self, transfer_id: str) -> bool:
         return self.agent.release(transfer_id)
+
+    def kv_export_shm(self, transfer_id: str) -> dict | None:
+        return self.agent.export_shm(transfer_id)
 
     def kv_nccl_join(self, key: str, unique_id, signature) -> bool:
         return self.agent.nccl_join(key, unique_id, signature)

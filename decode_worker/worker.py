@@ -16,10 +16,11 @@ from cluster.worker import EngineWorker, KVWorkerMixin
 class DecodeWorker(KVWorkerMixin, EngineWorker):
     role = "decode"
 
-    def add_transferred(self, request: EngineRequest, source_id: str, source, num_tokens: int) -> None:
+    def add_transferred(self, request: EngineRequest, source_id: str, source, num_tokens: int,
+                        source_node: str | None = None) -> None:
         """Admit a request whose first `num_tokens` tokens' KV lives on `source` (an actor)."""
         transfer_id = request.kv_transfer["transfer_id"]
-        self.agent.expect(transfer_id, SourceRef(source_id, source), num_tokens)
+        self.agent.expect(transfer_id, SourceRef(source_id, source, source_node), num_tokens)
         try:
             self.loop.add(request)
         except Exception:

@@ -194,7 +194,7 @@ class Router:
         state.phase = "decode"
         state.handoff_at = time.monotonic()
         ref = target.actor.add_transferred.remote(engine_request, source.instance_id, source.actor,
-                                                  state.prefill_tokens)
+                                                  state.prefill_tokens, source.info.node_id)
         await self._add(target, state, ref)
 
     async def _place_resilient(self, state: RequestState, failure: str | None = None) -> None:

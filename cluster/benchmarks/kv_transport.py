@@ -20,7 +20,7 @@ LAYERS = 4
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes-mb", default="1,4,16,64,256")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--transport", default="ray", choices=["ray", "nccl"])
+    p.add_argument("--transports", default="shm,ray", help="comma list of: shm, ray, nccl")
     p.add_argument("--device", default="cpu", help="cpu, or cuda for the nccl transport")
     p.add_argument("--out", default="bench-results")
 
@@ -49,6 +49,9 @@ class _Endpoint:
 
     def kv_release(self, transfer_id: str) -> bool:
         return self.agent.release(transfer_id)
+
+    def kv_export_shm(self, transfer_id: str):
+        return self.agent.export_shm(transfer_id)
 
     def kv_nccl_join(self, key, unique_id, signature):
         return self.agent.nccl_join(key, unique_id, signature)
@@ -85,29 +88,32 @@ def run(args) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     gpus = 1 if args.device.startswith("cuda") else 0
     actor = ray.remote(num_cpus=0, num_gpus=gpus / 2 if gpus else 0, max_concurrency=4)(_Endpoint)
-    src = actor.remote("src", max_blocks, args.transport, args.device)
-    dst = actor.remote("dst", max_blocks, args.transport, args.device)
     rows = []
     try:
-        for size in sizes:
-            blocks = list(range(size * (1 << 20) // BLOCK_BYTES))
-            times = []
-            for r in range(args.repeats + 1):  # the first round warms up (and makes NCCL links)
-                tid = f"t{size}-{r}"
-                ray.get(src.hold.remote(tid, blocks))
-                seconds = ray.get(dst.fetch.remote("src", src, tid, blocks))
-                if r:
-                    times.append(seconds)
-            nbytes = len(blocks) * BLOCK_BYTES
-            transfer_s = statistics.median(times)
-            copy_s = _memcpy_seconds(nbytes, args.device, args.repeats)
-            row = {"size_mb": size, "bytes": nbytes, "transport_s": transfer_s, "memcpy_s": copy_s,
-                   "transport_gbps": nbytes / transfer_s / 1e9, "memcpy_gbps": nbytes / copy_s / 1e9}
-            row["ratio_transport_over_memcpy"] = row["transport_gbps"] / row["memcpy_gbps"]
-            rows.append(row)
-            print(f"{size:>5} MB  {args.transport}: {row['transport_gbps']:7.2f} GB/s   memcpy: "
-                  f"{row['memcpy_gbps']:7.2f} GB/s   ratio {row['ratio_transport_over_memcpy']:.3f}",
-                  file=sys.stderr, flush=True)
+        for transport in args.transports.split(","):
+            src = actor.remote("src", max_blocks, transport, args.device)
+            dst = actor.remote("dst", max_blocks, transport, args.device)
+            for size in sizes:
+                blocks = list(range(size * (1 << 20) // BLOCK_BYTES))
+                times = []
+                for r in range(args.repeats + 1):  # the first round warms up (pools, NCCL links)
+                    tid = f"{transport}-{size}-{r}"
+                    ray.get(src.hold.remote(tid, blocks))
+                    times.append(ray.get(dst.fetch.remote("src", src, tid, blocks)))
+                    ray.get(src.kv_release.remote(tid))
+                nbytes = len(blocks) * BLOCK_BYTES
+                transfer_s = statistics.median(times[1:])
+                copy_s = _memcpy_seconds(nbytes, args.device, args.repeats)
+                row = {"transport": transport, "size_mb": size, "bytes": nbytes, "transport_s": transfer_s,
+                       "memcpy_s": copy_s, "transport_gbps": nbytes / transfer_s / 1e9,
+                       "memcpy_gbps": nbytes / copy_s / 1e9}
+                row["ratio_transport_over_memcpy"] = row["transport_gbps"] / row["memcpy_gbps"]
+                rows.append(row)
+                print(f"{size:>5} MB  {transport}: {row['transport_gbps']:7.2f} GB/s   memcpy: "
+                      f"{row['memcpy_gbps']:7.2f} GB/s   ratio {row['ratio_transport_over_memcpy']:.3f}",
+                      file=sys.stderr, flush=True)
+            for a in (src, dst):
+                ray.kill(a)
     finally:
         ray.shutdown()
     return {"study": "kv-transport", "config": vars(args), "rows": rows}
@@ -120,10 +126,12 @@ def plot(results: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    x = [r["size_mb"] for r in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ax.plot(x, [r["transport_gbps"] for r in rows], "o-", label=f"{results['config']['transport']} transport")
-    ax.plot(x, [r["memcpy_gbps"] for r in rows], "s--", label="memcpy (same process)")
+    for transport in dict.fromkeys(r["transport"] for r in rows):
+        rs = [r for r in rows if r["transport"] == transport]
+        ax.plot([r["size_mb"] for r in rs], [r["transport_gbps"] for r in rs], "o-", label=f"{transport} transport")
+    first = [r for r in rows if r["transport"] == rows[0]["transport"]]
+    ax.plot([r["size_mb"] for r in first], [r["memcpy_gbps"] for r in first], "s--", label="memcpy (same process)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV payload (MB)")
     ax.set_ylabel("GB/s")
@@ -138,9 +146,9 @@ def main(args) -> int:
     results = run(args)
     path = write_results(args.out, "kv-transport", results)
     plot(results, path.with_suffix(".png"))
-    print(f"{'size':>8} {'transport GB/s':>15} {'memcpy GB/s':>12} {'ratio':>7}")
+    print(f"{'transport':>9} {'size':>8} {'GB/s':>8} {'memcpy GB/s':>12} {'ratio':>7}")
     for r in results["rows"]:
-        print(f"{r['size_mb']:>6}MB {r['transport_gbps']:>15.2f} {r['memcpy_gbps']:>12.2f} "
+        print(f"{r['transport']:>9} {r['size_mb']:>6}MB {r['transport_gbps']:>8.2f} {r['memcpy_gbps']:>12.2f} "
               f"{r['ratio_transport_over_memcpy']:>7.3f}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

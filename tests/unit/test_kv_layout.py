@@ -74,3 +74,29 @@ def test_nccl_plan_matches_layout():
     assert all(p.shape == (3, 2, 16, 2, 8) for p in plans)
     assert sum(p.nbytes for p in plans) == 3 * view.bytes_per_block
     assert pair_key("prefill-0", "decode-1") == "prefill-0->decode-1"
+
+
+@pytest.mark.parametrize("make", [cpu_layout, gpu_layout, lambda: cpu_layout(torch.bfloat16)])
+def test_shared_memory_export_and_scatter(make):
+    from multiprocessing import shared_memory
+
+    from cluster.kv_transport_shm import ShmPool, _scatter_from, export_to_shm
+
+    src, dst = KVCacheView(make(), NUM_BLOCKS), KVCacheView(make(), NUM_BLOCKS)
+    pool = ShmPool()
+    try:
+        meta = export_to_shm(pool, "t1", src, [3, 5])
+        seg = shared_memory.SharedMemory(name=meta["segment"])
+        try:
+            assert _scatter_from(seg, meta, dst, [8, 0]) == 2 * src.bytes_per_block
+        finally:
+            seg.close()
+        for layer in src.layers:
+            s, d = src.tensors[layer.name], dst.tensors[layer.name]
+            assert torch.equal(s.select(layer.block_dim, 3), d.select(layer.block_dim, 8))
+            assert torch.equal(s.select(layer.block_dim, 5), d.select(layer.block_dim, 0))
+        pool.give_back("t1")
+        again = export_to_shm(pool, "t2", src, [1])  # the segment is reused, not reallocated
+        assert again["segment"] == meta["segment"]
+    finally:
+        pool.close()
