@@ -49,6 +49,25 @@ class KVTransport(abc.ABC):
         Raises TransferError or TimeoutError."""
 
 
+def ask_source(ref, transfer_id: str, cache: KVCacheView, timeout_s: float) -> dict:
+    """Waits (with a deadline) for a source's export of `transfer_id` and checks that its
+    blocks fit this engine's cache; Ray failures become TransferError/TimeoutError."""
+    import ray
+
+    try:
+        payload = ray.get(ref, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError as exc:
+        raise TimeoutError(f"KV of {transfer_id} not received within {timeout_s:.1f}s") from exc
+    except ray.exceptions.RayError as exc:
+        raise TransferError(f"KV source failed for {transfer_id}: {exc}") from exc
+    if payload is None:
+        raise TransferError(f"KV source holds no blocks for {transfer_id}")
+    if payload["signature"] != cache.signature():
+        raise TransferError(f"KV layout mismatch for {transfer_id}: the source engine's cache "
+                            "differs from this engine's (model, dtype or block size)")
+    return payload
+
+
 def tensor_to_wire(t: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:
     """A byte view numpy can carry for any dtype (numpy has no bfloat16)."""
     t = t.detach().to("cpu").contiguous()

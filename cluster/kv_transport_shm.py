@@ -16,7 +16,7 @@ from multiprocessing import resource_tracker, shared_memory
 import torch
 
 from cluster.kv_layout import KVCacheView
-from cluster.kv_transport import KVTransport, SourceRef, TransferError
+from cluster.kv_transport import KVTransport, SourceRef, TransferError, ask_source
 
 MIN_SEGMENT_BYTES = 64 << 20
 
@@ -96,18 +96,10 @@ class SharedMemoryTransport(KVTransport):
 
     def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
               timeout_s: float) -> int:
-        import ray
-
-        try:
-            meta = ray.get(source.actor.kv_export_shm.remote(transfer_id), timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise TimeoutError(f"KV of {transfer_id} not exported within {timeout_s:.1f}s") from exc
-        except ray.exceptions.RayError as exc:
-            raise TransferError(f"KV source failed for {transfer_id}: {exc}") from exc
-        if meta is None:
-            raise TransferError(f"KV source holds no blocks for {transfer_id}")
-        if meta["signature"] != cache.signature() or meta["num_blocks"] != len(block_ids):
-            raise TransferError(f"KV layout mismatch for {transfer_id}")
+        meta = ask_source(source.actor.kv_export_shm.remote(transfer_id), transfer_id, cache, timeout_s)
+        if meta["num_blocks"] != len(block_ids):
+            raise TransferError(f"{transfer_id}: source exported {meta['num_blocks']} blocks, "
+                                f"{len(block_ids)} expected")
         seg = shared_memory.SharedMemory(name=meta["segment"])
         # Attaching registers the segment with this process's tracker, which would unlink it
         # at exit; the source owns it.
