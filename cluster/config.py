@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 
@@ -173,9 +172,3 @@ class ServeConfig:
             if pool.role == role and pool.num_instances > 0:
                 return pool
         return None
-
-
-def default_models_dir() -> str:
-    return os.environ.get(
-        "DISAGG_MODELS_DIR", os.path.join(os.path.expanduser("~"), ".cache", "disagg-serve", "models")
-    )
