@@ -10,6 +10,7 @@ import sys
 from cluster.config import (
     POOL_RESOURCES,
     EngineConfig,
+    MigrationConfig,
     PoolConfig,
     RouterConfig,
     ServeConfig,
@@ -65,6 +66,7 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
                    help="a prefill frees KV nobody fetched after this many s")
     t.add_argument("--kv-failure-policy", choices=["recompute", "fail"], default="recompute",
                    help="on a failed or late transfer: decode prefills itself, or the request fails")
+    _add_migration_args(p)
     p.add_argument("--cpus-per-instance", type=float, default=1.0)
     p.add_argument("--gpus-per-instance", type=float, default=0.0)
     p.add_argument("--host", default="0.0.0.0")
@@ -88,6 +90,70 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
                    help="require 'authorization: Bearer TOKEN' (default: $DISAGG_AUTH_TOKEN; off)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     _add_engine_args(p)
+
+
+_MIGRATION_DEFAULTS = MigrationConfig()
+
+# (flag, MigrationConfig field, type, help); defaults come from MigrationConfig itself.
+_MIGRATION_FLAGS = (
+    ("--migration-interval-s", "interval_s", float, "seconds between load-balancing rounds"),
+    ("--migrate-out-threshold", "migrate_out_threshold", float,
+     "a decode instance below this freeness (free KV blocks per running request) gives requests away"),
+    ("--migrate-in-threshold", "migrate_in_threshold", float,
+     "a decode instance above this freeness takes requests in (>= the out threshold)"),
+    ("--migration-max-pairs", "max_pairs_per_round", int, "source/destination pairs per round"),
+    ("--priority-headroom-blocks", "high_priority_headroom_blocks", int,
+     "KV blocks kept free on every decode instance for high-priority requests (0: off)"),
+    ("--high-priority-threshold", "high_priority_threshold", int, "priority >= this is high-priority"),
+    ("--migration-stop-copy-blocks", "stop_copy_blocks", int,
+     "stop and copy the tail once a pre-copy stage filled fewer new full blocks than this"),
+    ("--migration-max-stages", "max_stages", int, "pre-copy stages at most before the stop"),
+    ("--migration-timeout-s", "timeout_s", float, "deadline of one whole migration, s"),
+    ("--migration-reservation-timeout-s", "reservation_timeout_s", float,
+     "a destination frees an uncommitted reservation after this many s (source or router gone)"),
+    ("--migration-reserve-watermark-blocks", "reserve_watermark_blocks", int,
+     "KV blocks a destination keeps free beyond a reservation"),
+    ("--drain-timeout-s", "drain_timeout_s", float, "default deadline of `drain`, s"),
+)
+
+
+def _add_migration_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("live migration (decode pool)")
+    g.add_argument("--migration", action=argparse.BooleanOptionalAction, default=_MIGRATION_DEFAULTS.enabled,
+                   help="automatic load balancing by live migration between decode instances "
+                        "(--no-migration: off; the migrate and drain commands work either way)")
+    g.add_argument("--migration-selection", choices=["last", "shortest", "longest"],
+                   default=_MIGRATION_DEFAULTS.selection,
+                   help="which request a busy instance gives away: last arrived, fewest or most blocks")
+    for flag, name, kind, text in _MIGRATION_FLAGS:
+        g.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind,
+                       default=getattr(_MIGRATION_DEFAULTS, name), help=text)
+
+
+def _coerce(kind: type, value, flag: str):
+    """A --config value as the flag's type: argparse converts only command-line strings."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float, str))
+    try:
+        number = kind(value) if ok else None
+    except ValueError:
+        number = None
+    if number is None or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise SystemExit(f"error: {flag} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}")
+    return number
+
+
+def migration_config_from_args(args) -> MigrationConfig:
+    fields = {name: _coerce(kind, getattr(args, flag[2:].replace("-", "_")), flag)
+              for flag, name, kind, _ in _MIGRATION_FLAGS}
+    if not isinstance(args.migration, bool):
+        raise SystemExit(f"error: migration must be true or false, got {args.migration!r}")
+    if not fields["drain_timeout_s"] > 0:
+        raise SystemExit("error: --drain-timeout-s must be > 0")
+    try:
+        return MigrationConfig(enabled=args.migration, selection=args.migration_selection, **fields)
+    except ValueError as exc:  # out of range, or a selection from --config argparse never saw
+        raise SystemExit(f"error: migration: {exc}") from exc
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -123,6 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the instances and their load")
     _add_client_args(st)
     st.add_argument("--json", action="store_true")
+
+    mig = sub.add_parser("migrate", help="live-migrate a running request to another decode instance")
+    _add_client_args(mig)
+    mig.add_argument("request_id")
+    mig.add_argument("--to", default=None, metavar="INSTANCE",
+                     help="destination decode instance (default: the router picks the freest)")
+    mig.add_argument("--json", action="store_true")
+
+    dr = sub.add_parser("drain", help="send an instance no new requests and empty it (a decode "
+                                      "instance's requests migrate away); --cancel undrains")
+    _add_client_args(dr)
+    dr.add_argument("instance")
+    dr.add_argument("--timeout", type=float, default=None, metavar="S",
+                    help="deadline for the drain, s (default: the server's --drain-timeout-s)")
+    dr.add_argument("--cancel", action="store_true", help="undrain: the instance takes new requests again")
+    dr.add_argument("--json", action="store_true")
 
     mod = sub.add_parser("models", help="build (or find) the demo models; prints their directory last")
     mod.add_argument("dir", nargs="?", default=None)
@@ -200,7 +282,7 @@ def serve_config_from_args(args) -> ServeConfig:
     spec = SpecConfig(draft_model=draft, k=args.spec_k, extra=args.spec_extra, capacity=args.spec_capacity,
                       tetris=args.tetris, min_batch_size=args.tetris_min_batch)
     return ServeConfig(engine=engine, router=router, pools=pools, transfer=transfer, spec=spec,
-                       address=args.address)
+                       migration=migration_config_from_args(args), address=args.address)
 
 
 def demo_target() -> str:
@@ -261,7 +343,50 @@ def format_status_table(status: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
                  f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
+    if "migrations" in status:  # servers before live migration leave it out
+        lines.extend(format_migration_lines(status["migrations"]))
     return "\n".join(lines)
+
+
+def _ms(seconds) -> str:
+    return f"{1000 * float(seconds):.1f}"
+
+
+def format_migration_lines(stats: dict) -> list[str]:
+    """One summary line, then one line per migration in flight (numbers may be JSON strings)."""
+    aborted = int(stats.get("aborted", 0))
+    reasons = stats.get("aborted_by_reason") or {}
+    why = f" ({', '.join(f'{k} {int(v)}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    downtime = "/".join(_ms(stats.get(f"downtime_{q}_s", 0)) for q in ("p50", "p99", "max"))
+    summary = (f"migrations: {int(stats.get('started', 0))} started, "
+               f"{int(stats.get('committed', 0))} committed, {aborted} aborted{why}  "
+               f"downtime p50/p99/max: {downtime} ms")
+    lines = [summary]
+    for m in stats.get("in_flight", []):
+        lines.append(f"  migrating {m.get('request_id')}: {m.get('source')} -> {m.get('target')} "
+                     f"({m.get('state')}, {m.get('trigger')}, stage {int(m.get('stages', 0))}, "
+                     f"{int(m.get('blocks_copied', 0))} blocks, {float(m.get('duration_s', 0)):.1f}s)")
+    return lines
+
+
+def format_migration(m: dict) -> str:
+    """One line for a finished migration (a Client.migrate() result)."""
+    route = f"{m['source']} -> {m['target'] or '?'}"
+    if m["state"] != "committed":
+        return f"migration of {m['request_id']} {m['state']} ({route}): {m['reason'] or 'no reason given'}"
+    downtime = f"downtime {_ms(m['downtime_s'])} ms" if m.get("downtime_s") is not None else "downtime unknown"
+    return (f"migrated {m['request_id']}: {route} in {_ms(m['duration_s'])} ms ({downtime}, "
+            f"{m['stages']} stage(s), {m['blocks_copied']} blocks, {m['tokens_moved']} tokens)")
+
+
+def format_drain(d: dict, cancel: bool = False) -> str:
+    if cancel:
+        return f"{d['instance_id']} undrained: it takes new requests again"
+    counts = f"{d['migrated']} migrated, {d['failed']} failed, {d['remaining']} remaining"
+    if d["remaining"]:
+        return (f"drain of {d['instance_id']} incomplete: {counts} (still draining; "
+                f"`disagg-serve drain {d['instance_id']} --cancel` undrains it)")
+    return f"drained {d['instance_id']}: {counts}"
 
 
 def _kv_cell(kv: dict | None) -> str:
@@ -289,6 +414,32 @@ def cmd_status(args) -> int:
             return 1
     print(json.dumps(status, indent=2) if args.json else format_status_table(status))
     return 0
+
+
+def cmd_migrate(args) -> int:
+    import grpc
+
+    with _client(args) as client:
+        try:
+            m = client.migrate(args.request_id, args.to)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(m, indent=2) if args.json else format_migration(m))
+    return 0 if m["state"] == "committed" else 1
+
+
+def cmd_drain(args) -> int:
+    import grpc
+
+    with _client(args) as client:
+        try:
+            d = client.drain(args.instance, timeout_s=args.timeout, cancel=args.cancel)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(json.dumps(d, indent=2) if args.json else format_drain(d, args.cancel))
+    return 0 if d["remaining"] == 0 else 1
 
 
 def cmd_models(args) -> int:
@@ -325,7 +476,8 @@ def cmd_demo(args) -> int:
     return run_demo(colocated=args.colocated, port=args.port, speculative=args.spec)
 
 
-COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "models": cmd_models,
+COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "migrate": cmd_migrate,
+            "drain": cmd_drain, "models": cmd_models,
             "random-model": cmd_random_model, "bench": cmd_bench, "bench-suite": cmd_bench_suite,
             "demo": cmd_demo}
 

@@ -68,6 +68,39 @@ def status_to_dict(status: pb.ClusterStatus) -> dict:
                                      always_print_fields_with_no_presence=True)
 
 
+def migration_to_dict(info: pb.MigrationInfo) -> dict:
+    """The MigrationRecord.to_dict() form: plain Python numbers, downtime_s None when unknown."""
+    d = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
+    d["downtime_s"] = info.downtime_s if info.HasField("downtime_s") else None
+    return d
+
+
+def drain_to_dict(response: pb.DrainResponse) -> dict:
+    return {"instance_id": response.instance_id, "migrated": response.migrated,
+            "remaining": response.remaining, "failed": response.failed,
+            "migrations": [migration_to_dict(m) for m in response.migrations]}
+
+
+def _migrate_request(request_id: str, target: str | None) -> pb.MigrateRequest:
+    return pb.MigrateRequest(request_id=request_id, target_instance=target or "")
+
+
+def _drain_request(instance_id: str, timeout_s: float | None, cancel: bool) -> pb.DrainRequest:
+    return pb.DrainRequest(instance_id=instance_id, timeout_s=timeout_s or 0.0, cancel=cancel)
+
+
+# Admin calls wait for the server's own deadlines (migration timeout, drain timeout), so their
+# default RPC deadline is generous; a drain with an explicit timeout gets that plus slack.
+_MIGRATE_DEADLINE_S = 300.0
+_DRAIN_SLACK_S = 60.0
+
+
+def _drain_deadline(client_timeout: float | None, timeout_s: float | None) -> float | None:
+    if timeout_s:
+        return max(timeout_s + _DRAIN_SLACK_S, client_timeout or 0.0)
+    return client_timeout  # None: the server's default drain timeout bounds the call
+
+
 def _channel_args(auth_token: str | None, tls_ca: str | None):
     """Credentials for TLS and/or a bearer token (None: plaintext)."""
     if not tls_ca and not auth_token:
@@ -113,6 +146,19 @@ class Client:
     def cluster_status(self) -> pb.ClusterStatus:
         return self.stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=self.timeout or 30)
 
+    def migrate(self, request_id: str, target: str | None = None) -> dict:
+        """Live-migrates a running request (target None: the router picks); the finished
+        migration as a dict (state committed or aborted, with its reason)."""
+        response = self.stub.Migrate(_migrate_request(request_id, target),
+                                     timeout=self.timeout or _MIGRATE_DEADLINE_S)
+        return migration_to_dict(response.migration)
+
+    def drain(self, instance_id: str, timeout_s: float | None = None, cancel: bool = False) -> dict:
+        """Drains a decode instance (cancel: undrains it); what moved and what remains."""
+        response = self.stub.Drain(_drain_request(instance_id, timeout_s, cancel),
+                                   timeout=_drain_deadline(self.timeout, timeout_s))
+        return drain_to_dict(response)
+
     def wait_ready(self, timeout: float = 600.0) -> None:
         grpc.channel_ready_future(self.channel).result(timeout=timeout)
 
@@ -155,6 +201,16 @@ class AsyncClient:
 
     async def cluster_status(self) -> pb.ClusterStatus:
         return await self.stub.GetClusterStatus(pb.GetClusterStatusRequest(), timeout=self.timeout or 30)
+
+    async def migrate(self, request_id: str, target: str | None = None) -> dict:
+        response = await self.stub.Migrate(_migrate_request(request_id, target),
+                                           timeout=self.timeout or _MIGRATE_DEADLINE_S)
+        return migration_to_dict(response.migration)
+
+    async def drain(self, instance_id: str, timeout_s: float | None = None, cancel: bool = False) -> dict:
+        response = await self.stub.Drain(_drain_request(instance_id, timeout_s, cancel),
+                                         timeout=_drain_deadline(self.timeout, timeout_s))
+        return drain_to_dict(response)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -149,6 +149,60 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class MigrationConfig:
+    """Live migration of running requests between decode instances (Llumnix) and the freeness
+    policy that drives it. Thresholds are in KV blocks per running request."""
+
+    # Periodic load balancing: pair busy sources with free destinations every interval. (The
+    # Migrate and Drain admin RPCs work either way.)
+    enabled: bool = True
+    interval_s: float = 0.5
+    migrate_out_threshold: float = 2.0
+    migrate_in_threshold: float = 8.0
+    max_pairs_per_round: int = 4
+    # Which request a source gives up: last | shortest | longest.
+    selection: str = "last"
+    # Blocks kept free on every decode instance for high-priority requests (0: off).
+    high_priority_headroom_blocks: int = 0
+    # priority >= this is high-priority.
+    high_priority_threshold: int = 1
+    # Stop-and-copy once fewer than this many new full blocks were filled in the last stage...
+    stop_copy_blocks: int = 1
+    # ...or after this many pre-copy stages.
+    max_stages: int = 4
+    # Deadline for one whole migration; the destination frees an uncommitted reservation after
+    # reservation_timeout_s (source or router gone).
+    timeout_s: float = 30.0
+    reservation_timeout_s: float = 60.0
+    # Blocks a destination keeps free beyond a reservation (it must still admit new requests).
+    reserve_watermark_blocks: int = 1
+    # Drain: deadline for moving everything off an instance.
+    drain_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        for name in ("interval_s", "timeout_s", "reservation_timeout_s", "drain_timeout_s"):
+            value = getattr(self, name)
+            if not value > 0 or value == float("inf"):  # also rejects NaN
+                raise ValueError(f"migration {name} must be a finite number > 0, got {value}")
+        if self.max_stages < 1 or self.stop_copy_blocks < 0 or self.reserve_watermark_blocks < 0:
+            raise ValueError("migration needs max_stages >= 1, stop_copy_blocks >= 0 and "
+                             "reserve_watermark_blocks >= 0")
+        self.freeness()  # validates the policy fields
+
+    def freeness(self):
+        from router.freeness import FreenessConfig
+
+        return FreenessConfig(
+            high_priority_headroom_blocks=self.high_priority_headroom_blocks,
+            high_priority_threshold=self.high_priority_threshold,
+            migrate_out_threshold=self.migrate_out_threshold,
+            migrate_in_threshold=self.migrate_in_threshold,
+            max_pairs_per_round=self.max_pairs_per_round,
+            selection=self.selection,
+        )
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Everything `disagg-serve up` needs."""
 
@@ -156,6 +210,7 @@ class ServeConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
     spec: SpecConfig = field(default_factory=SpecConfig)
+    migration: MigrationConfig = field(default_factory=MigrationConfig)
     pools: tuple[PoolConfig, ...] = (PoolConfig(role="colocated", num_instances=1),)
     # Ray cluster address; None starts a local Ray instance.
     address: str | None = None

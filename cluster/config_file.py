@@ -9,6 +9,7 @@ grouped in sections for readability; command-line flags given explicitly win ove
     engine:  {max-model-len: 4096, dtype: bfloat16}
     kv:      {kv-transport: nccl, kv-failure-policy: recompute}
     router:  {port: 50051, metrics-port: 9400}
+    migration: {migration: true, migration-timeout-s: 30}
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-SECTIONS = {"pools", "engine", "kv", "router", "cluster", "spec", "speculative", "scheduler"}
+SECTIONS = {"pools", "engine", "kv", "router", "cluster", "spec", "speculative", "scheduler",
+            "migration"}
 
 
 class ConfigFileError(ValueError):

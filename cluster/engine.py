@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from cluster import vllm_adapter as va
@@ -29,6 +30,14 @@ class _Add:
 @dataclass(frozen=True)
 class _Abort:
     request_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Runs fn(loop) on the loop thread between steps (engine internals are not thread-safe)."""
+
+    fn: object
+    future: Future
 
 
 class EngineStopped(RuntimeError):
@@ -68,6 +77,10 @@ class EngineLoop:
         self._outputs: list[TokenDelta] = []
         self._cond = threading.Condition()
         self._live: set[str] = set()
+        # External request id -> vLLM's internal id (it appends a suffix), for live requests.
+        self._internal: dict[str, str] = {}
+        # Called on the loop thread every iteration (reservation deadlines and the like).
+        self.housekeeping: list = []
         # Requests driven from inside the actor (benchmarks): their deltas bypass poll().
         self._local_sinks: dict[str, queue.SimpleQueue] = {}
         self._stop = threading.Event()
@@ -92,6 +105,31 @@ class EngineLoop:
     def abort(self, request_ids) -> None:
         self._commands.put(_Abort(tuple(request_ids)))
         self._wake.set()
+
+    def call(self, fn, timeout_s: float):
+        """fn(loop) on the loop thread, between engine steps; its result or exception."""
+        self._check_alive()
+        future: Future = Future()
+        self._commands.put(_Call(fn, future))
+        self._wake.set()
+        return future.result(timeout=timeout_s)
+
+    def internal_id(self, request_id: str) -> str | None:
+        """vLLM's id for a live request (loop thread)."""
+        return self._internal.get(request_id) if request_id in self._live else None
+
+    def end_request(self, request_id: str, finish_reason: str) -> None:
+        """Loop thread: abort a live request in vLLM and end its stream with `finish_reason`
+        (after every token it already produced, since deltas are emitted in order)."""
+        self.engine.abort_request([request_id])
+        self._forget(request_id)
+        self._finished += 1
+        self._emit([TokenDelta(request_id, [], True, finish_reason)])
+
+    def _forget(self, request_id: str) -> None:
+        self._live.discard(request_id)
+        self._awaiting_first.discard(request_id)
+        self._internal.pop(request_id, None)
 
     def poll(self, timeout_s: float) -> StepBatch:
         """Every delta since the last poll; waits up to timeout_s for the first one."""
@@ -154,6 +192,8 @@ class EngineLoop:
                 if self.agent is not None:
                     self.agent.expire_holds()
                 self._drain_commands()
+                for fn in self.housekeeping:
+                    fn()
                 self._free_orphans()
                 if va.has_work(self.engine):
                     produced = self._step()
@@ -181,8 +221,8 @@ class EngineLoop:
         log.warning("engine %s: no poll for %.0fs, aborting %d orphaned request(s)", self.instance_id,
                     self.config.orphan_timeout_s, len(orphans))
         self.engine.abort_request(orphans)
-        self._live.difference_update(orphans)
-        self._awaiting_first.difference_update(orphans)
+        for r in orphans:
+            self._forget(r)
         self.orphans_freed += len(orphans)
         with self._cond:
             self._outputs.clear()
@@ -201,10 +241,16 @@ class EngineLoop:
                 self._add(cmd.request)
             elif isinstance(cmd, _Abort):
                 self._abort(cmd.request_ids)
+            elif isinstance(cmd, _Call):
+                if cmd.future.set_running_or_notify_cancel():
+                    try:
+                        cmd.future.set_result(cmd.fn(self))
+                    except Exception as exc:  # the caller gets it; the loop goes on
+                        cmd.future.set_exception(exc)
 
     def _add(self, request: EngineRequest) -> None:
         try:
-            self.engine.add_request(
+            internal = self.engine.add_request(
                 request.request_id,
                 {"prompt_token_ids": list(request.prompt_token_ids)},
                 va.to_sampling_params(request.sampling, request.kv_transfer),
@@ -214,6 +260,7 @@ class EngineLoop:
             self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))])
             return
         self._live.add(request.request_id)
+        self._internal[request.request_id] = internal
         self._awaiting_first.add(request.request_id)
 
     def _abort(self, request_ids) -> None:
@@ -221,8 +268,8 @@ class EngineLoop:
         if not live:
             return
         self.engine.abort_request(live)
-        self._live.difference_update(live)
-        self._awaiting_first.difference_update(live)
+        for r in live:
+            self._forget(r)
         self._finished += len(live)
         self._emit([TokenDelta(r, [], True, "abort") for r in live])
 
@@ -246,8 +293,7 @@ class EngineLoop:
                 delta.finish_reason = completion.finish_reason or "stop"
                 if isinstance(completion.stop_reason, int):
                     delta.stop_token_id = completion.stop_reason
-                self._live.discard(out.request_id)
-                self._awaiting_first.discard(out.request_id)
+                self._forget(out.request_id)
                 self._finished += 1
             deltas.append(delta)
         if deltas:

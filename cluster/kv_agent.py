@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from cluster.kv_layout import KVCacheView, blocks_for_tokens
+from cluster.kv_migration import MigrationLedger
 from cluster.kv_transport import KVTransport, SourceRef, tensor_to_wire
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class _Hold:
     block_ids: list[int]
     num_tokens: int
     deadline: float
+    # False for a migration stage's view of a running request's blocks: releasing it only
+    # forgets the view (the request still owns its blocks; vLLM never delayed their free).
+    owned: bool = True
 
 
 @dataclass
@@ -94,6 +98,7 @@ class KVTransferAgent:
         self._pool = ThreadPoolExecutor(max_parallel_loads, thread_name_prefix=f"kv-load-{agent_id}")
         self._nccl_source = None
         self._shm_pool = None
+        self.migrations = MigrationLedger(hold_timeout_s)
         # Set by the engine loop: wakes it when a hand-off needs an engine step.
         self.on_event = lambda: None
 
@@ -109,6 +114,26 @@ class KVTransferAgent:
         with self._lock:
             self._holds[transfer_id] = _Hold(internal_id, list(block_ids[:needed]), num_tokens,
                                              time.monotonic() + self.hold_timeout_s)
+
+    def hold_view(self, transfer_id: str, internal_id: str, block_ids: list[int], num_tokens: int) -> None:
+        """Exposes blocks of a request that keeps running (a migration stage) for one pull."""
+        with self._lock:
+            self._holds[transfer_id] = _Hold(internal_id, list(block_ids), num_tokens,
+                                             time.monotonic() + self.hold_timeout_s, owned=False)
+
+    def hold_blocks(self, transfer_id: str, internal_id: str, block_ids: list[int], num_tokens: int) -> None:
+        """Holds exactly `block_ids` of a finished request (vLLM delays their free) until released."""
+        with self._lock:
+            self._holds[transfer_id] = _Hold(internal_id, list(block_ids), num_tokens,
+                                             time.monotonic() + self.hold_timeout_s)
+
+    def release_views(self, prefix: str) -> int:
+        """Forgets every view hold whose transfer id starts with `prefix` (a cancelled migration)."""
+        with self._lock:
+            gone = [t for t, h in self._holds.items() if not h.owned and t.startswith(prefix)]
+            for t in gone:
+                del self._holds[t]
+        return len(gone)
 
     def export(self, transfer_id: str) -> dict | None:
         """The held blocks of `transfer_id` as wire arrays (None if not held)."""
@@ -164,11 +189,11 @@ class KVTransferAgent:
         """The consumer has the KV (or will never fetch it): let vLLM free the blocks."""
         with self._lock:
             hold = self._holds.pop(transfer_id, None)
-            if hold is not None:
+            if hold is not None and hold.owned:
                 self._finished_sending.add(hold.internal_id)
         if self._shm_pool is not None:
             self._shm_pool.give_back(transfer_id)
-        if hold is not None:
+        if hold is not None and hold.owned:
             self.on_event()
         return hold is not None
 
@@ -191,7 +216,7 @@ class KVTransferAgent:
 
     def stats_snapshot(self) -> dict:
         with self._lock:
-            held = sum(len(h.block_ids) for h in self._holds.values())
+            held = sum(len(h.block_ids) for h in self._holds.values() if h.owned)
             return self.stats.snapshot(held)
 
     # ---- consumer ----
@@ -228,7 +253,7 @@ class KVTransferAgent:
             log.warning("KV load of %s failed: %s", transfer_id, exc)
             nbytes = 0
         finally:
-            self._release_source(exp.source, transfer_id)
+            self.release_source(exp.source, transfer_id)
         elapsed = time.monotonic() - exp.started
         with self._lock:
             self._expected.pop(transfer_id, None)
@@ -247,11 +272,29 @@ class KVTransferAgent:
         self.on_event()
 
     @staticmethod
-    def _release_source(source, transfer_id: str) -> None:
+    def release_source(source, transfer_id: str) -> None:
         try:
             source.actor.kv_release.remote(transfer_id)
         except Exception:  # the source is gone; its blocks went with it
             pass
+
+    def pull(self, source: SourceRef, transfer_id: str, block_ids: list[int], timeout_s: float) -> int:
+        """Copies the source's hold `transfer_id` into `block_ids` now (a migration stage),
+        then lets the source drop the hold; returns bytes."""
+        started = time.monotonic()
+        try:
+            nbytes = self.transport.fetch(source, transfer_id, self.cache, block_ids, timeout_s)
+        except Exception:
+            with self._lock:
+                self.stats.failures += 1
+            raise
+        finally:
+            self.release_source(source, transfer_id)
+        with self._lock:
+            self.stats.bytes_received += nbytes
+            self.stats.transfers_in += 1
+            self.stats.seconds_in_total += time.monotonic() - started
+        return nbytes
 
     def forget(self, transfer_id: str) -> None:
         """A request dropped before its load started."""
@@ -261,7 +304,7 @@ class KVTransferAgent:
                 self._expected.pop(transfer_id)
             else:
                 return
-        self._release_source(exp.source, transfer_id)
+        self.release_source(exp.source, transfer_id)
 
     # ---- both: polled by the worker-side connector every engine step ----
     def take_finished(self) -> tuple[set[str], set[str], set[str]]:

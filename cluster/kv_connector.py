@@ -10,6 +10,10 @@ Per-request parameters ride in SamplingParams.extra_args["kv_transfer_params"]:
 - producer: {"do_remote_decode": True, "transfer_id": str}
 - consumer: {"do_remote_prefill": True, "transfer_id": str}  (source and token count are
   registered with the agent by the worker before the request is added)
+- live migration, destination: {"migrated_in": migration_id}: the request's KV already sits in
+  blocks reserved for it (cluster/kv_migration.py); it adopts them, nothing is loaded
+- live migration, source: a request the worker marked as stopping keeps its not-yet-copied
+  blocks (delayed free) until the destination pulled them
 """
 
 from __future__ import annotations
@@ -48,6 +52,11 @@ class DisaggConnector(KVConnectorBase_V1):
     # ---------------- scheduler side ----------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
+        migration_id = params.get("migrated_in")
+        if migration_id:
+            ready = min(self.agent.migrations.tokens_for(migration_id, request.request_id),
+                        request.num_tokens - 1)
+            return max(0, ready - num_computed_tokens), False
         if not params.get("do_remote_prefill") or request.request_id in self._loads_requested:
             return 0, False
         remote = self.agent.expected_tokens(params["transfer_id"])
@@ -59,6 +68,9 @@ class DisaggConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params or {}
+        if params.get("migrated_in") and num_external_tokens > 0:
+            self.agent.migrations.running(params["migrated_in"])
+            return
         if num_external_tokens <= 0 or not params.get("do_remote_prefill"):
             return
         if request.request_id in self._loads_requested:
@@ -72,7 +84,14 @@ class DisaggConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._loads_requested.discard(request.request_id)
+        mark = self.agent.migrations.take_stop_mark(request.request_id)
+        if mark is not None:  # stopped for migration: keep what the destination still needs
+            self.agent.hold_blocks(mark.transfer_id, request.request_id, list(block_ids[mark.from_block:]),
+                                   request.num_computed_tokens)
+            return True, None
         params = request.kv_transfer_params or {}
+        if params.get("migrated_in"):
+            self.agent.migrations.finished(params["migrated_in"])
         if not params.get("do_remote_decode"):
             return False, None
         from vllm.v1.request import RequestStatus

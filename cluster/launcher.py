@@ -139,7 +139,7 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
         return spawn_worker(config.engine, pools[info.role], info.instance_id, config.transfer, config.spec)
 
     router = Router(config.router, instances, load_tokenizer(config.engine.tokenizer or config.engine.model),
-                    metrics, respawn=respawn)
+                    metrics, respawn=respawn, migration=config.migration)
     router.start()
     max_prompt = config.router.max_prompt_tokens or first.max_model_len - 1
     limits = Limits(

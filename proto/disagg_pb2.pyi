@@ -221,17 +221,118 @@ class InstanceStatus(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode")
+    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode", "migrations")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     requests_in_flight: int
     requests_total: int
     uptime_s: float
     mode: str
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., mode: _Optional[str] = ...) -> None: ...
+    migrations: MigrationStats
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., mode: _Optional[str] = ..., migrations: _Optional[_Union[MigrationStats, _Mapping]] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "target_instance")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    target_instance: str
+    def __init__(self, request_id: _Optional[str] = ..., target_instance: _Optional[str] = ...) -> None: ...
+
+class MigrationInfo(_message.Message):
+    __slots__ = ("migration_id", "request_id", "source", "target", "state", "reason", "trigger", "stages", "blocks_copied", "tokens_moved", "downtime_s", "duration_s")
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_S_FIELD_NUMBER: _ClassVar[int]
+    DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    migration_id: str
+    request_id: str
+    source: str
+    target: str
+    state: str
+    reason: str
+    trigger: str
+    stages: int
+    blocks_copied: int
+    tokens_moved: int
+    downtime_s: float
+    duration_s: float
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., trigger: _Optional[str] = ..., stages: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., tokens_moved: _Optional[int] = ..., downtime_s: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+
+class MigrateResponse(_message.Message):
+    __slots__ = ("migration",)
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    migration: MigrationInfo
+    def __init__(self, migration: _Optional[_Union[MigrationInfo, _Mapping]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_s", "cancel")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_s: float
+    cancel: bool
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_s: _Optional[float] = ..., cancel: _Optional[bool] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("instance_id", "migrated", "remaining", "failed", "migrations")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    migrated: int
+    remaining: int
+    failed: int
+    migrations: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    def __init__(self, instance_id: _Optional[str] = ..., migrated: _Optional[int] = ..., remaining: _Optional[int] = ..., failed: _Optional[int] = ..., migrations: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ...) -> None: ...
+
+class MigrationStats(_message.Message):
+    __slots__ = ("started", "committed", "aborted", "aborted_by_reason", "blocks_copied", "downtime_last_s", "downtime_mean_s", "downtime_p50_s", "downtime_p99_s", "downtime_max_s", "in_flight")
+    class AbortedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_LAST_S_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MEAN_S_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_P50_S_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_P99_S_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MAX_S_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    started: int
+    committed: int
+    aborted: int
+    aborted_by_reason: _containers.ScalarMap[str, int]
+    blocks_copied: int
+    downtime_last_s: float
+    downtime_mean_s: float
+    downtime_p50_s: float
+    downtime_p99_s: float
+    downtime_max_s: float
+    in_flight: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    def __init__(self, started: _Optional[int] = ..., committed: _Optional[int] = ..., aborted: _Optional[int] = ..., aborted_by_reason: _Optional[_Mapping[str, int]] = ..., blocks_copied: _Optional[int] = ..., downtime_last_s: _Optional[float] = ..., downtime_mean_s: _Optional[float] = ..., downtime_p50_s: _Optional[float] = ..., downtime_p99_s: _Optional[float] = ..., downtime_max_s: _Optional[float] = ..., in_flight: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ...) -> None: ...

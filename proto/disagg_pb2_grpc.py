@@ -54,6 +54,16 @@ class DisaggServeStub:
                 request_serializer=proto_dot_disagg__pb2.GetClusterStatusRequest.SerializeToString,
                 response_deserializer=proto_dot_disagg__pb2.ClusterStatus.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/disagg.v1.DisaggServe/Migrate',
+                request_serializer=proto_dot_disagg__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=proto_dot_disagg__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/disagg.v1.DisaggServe/Drain',
+                request_serializer=proto_dot_disagg__pb2.DrainRequest.SerializeToString,
+                response_deserializer=proto_dot_disagg__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class DisaggServeServicer:
@@ -86,6 +96,23 @@ class DisaggServeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Live-migrates a running request to another decode instance; returns when the migration
+        committed or aborted (an abort leaves the request running where it was).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Drains an instance (no new requests; a decode instance's requests migrate away, others
+        finish) and returns when it is empty or the deadline passed; it stays draining until a
+        Drain with cancel makes it ready again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DisaggServeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +135,16 @@ def add_DisaggServeServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=proto_dot_disagg__pb2.GetClusterStatusRequest.FromString,
                     response_serializer=proto_dot_disagg__pb2.ClusterStatus.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=proto_dot_disagg__pb2.MigrateRequest.FromString,
+                    response_serializer=proto_dot_disagg__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=proto_dot_disagg__pb2.DrainRequest.FromString,
+                    response_serializer=proto_dot_disagg__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +255,60 @@ class DisaggServe:
             '/disagg.v1.DisaggServe/GetClusterStatus',
             proto_dot_disagg__pb2.GetClusterStatusRequest.SerializeToString,
             proto_dot_disagg__pb2.ClusterStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.DisaggServe/Migrate',
+            proto_dot_disagg__pb2.MigrateRequest.SerializeToString,
+            proto_dot_disagg__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/disagg.v1.DisaggServe/Drain',
+            proto_dot_disagg__pb2.DrainRequest.SerializeToString,
+            proto_dot_disagg__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,6 +27,8 @@ class Instance:
     requests_served: int = 0
     death_reason: str | None = None
     restarts: int = 0
+    # Id of the migration this instance is the source or destination of (one at a time).
+    migrating: str | None = None
 
     @property
     def instance_id(self) -> str:
@@ -38,4 +40,10 @@ class Instance:
 
     @property
     def ready(self) -> bool:
+        """Takes new requests."""
         return self.state == InstanceState.READY
+
+    @property
+    def serving(self) -> bool:
+        """Runs requests (a draining instance still finishes or hands off its own)."""
+        return self.state in (InstanceState.READY, InstanceState.DRAINING)

@@ -1,9 +1,11 @@
-"""Prometheus metrics of the router: request latencies, outcomes, per-instance load."""
+"""Prometheus metrics of the router: request latencies, outcomes, per-instance load, migrations."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from router.migration_types import MigrationRecord, MigrationState
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -11,6 +13,10 @@ _LATENCY_BUCKETS = (
 )
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3,
                   0.5, 0.75, 1.0, 2.0, 5.0)
+# Migration downtime is a few decode steps when pre-copy works (ms) and a whole KV copy when it
+# does not (up to seconds).
+_DOWNTIME_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075,
+                     0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class RouterMetrics:
@@ -37,6 +43,32 @@ class RouterMetrics:
         self.handoff = Histogram("disagg_prefill_to_decode_handoff_seconds",
                                  "From the prefill's first token to the decode's next tokens (KV transfer "
                                  "plus one decode step)", buckets=_LATENCY_BUCKETS, registry=r)
+        self.migrations = Counter("disagg_migrations", "Finished live migrations by outcome and trigger",
+                                  ["outcome", "trigger"], registry=r)
+        self.migration_aborts = Counter("disagg_migration_aborts",
+                                        "Aborted live migrations by reason (the part before ':')",
+                                        ["reason"], registry=r)
+        self.migration_downtime = Histogram("disagg_migration_downtime_seconds",
+                                            "From the source's last token to the destination's first",
+                                            buckets=_DOWNTIME_BUCKETS, registry=r)
+        self.migration_duration = Histogram("disagg_migration_duration_seconds",
+                                            "Whole migration, reservation to commit or abort",
+                                            ["outcome"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.migration_blocks = Counter("disagg_migration_blocks_copied",
+                                        "KV blocks copied by committed migrations", registry=r)
+
+    def observe_migration(self, record: MigrationRecord) -> None:
+        """Called by the router once per finished migration."""
+        outcome = "committed" if record.state == MigrationState.COMMITTED else "aborted"
+        self.migrations.labels(outcome=outcome, trigger=record.trigger or "unknown").inc()
+        self.migration_duration.labels(outcome=outcome).observe(record.duration_s)
+        if outcome == "aborted":
+            # The prefix only: reasons carry details (ids, numbers) that would explode the labels.
+            self.migration_aborts.labels(reason=record.reason.split(":", 1)[0] or "unknown").inc()
+        else:
+            self.migration_blocks.inc(record.blocks_copied)
+        if record.downtime_s is not None:
+            self.migration_downtime.observe(record.downtime_s)
 
     def e2e_count_sum(self) -> tuple[float, float]:
         count = total = 0.0
@@ -106,3 +138,8 @@ class _InstanceCollector:
         yield up
         yield from gauges
         yield from counters
+        snapshot = getattr(self.router, "migration_snapshot", None)
+        if snapshot is not None:
+            in_flight = GaugeMetricFamily("disagg_migrations_in_flight", "Live migrations under way")
+            in_flight.add_metric([], float(len(snapshot()["in_flight"])))
+            yield in_flight

@@ -38,6 +38,12 @@ class RequestState:
     handoff_at: float | None = None
     abort_requested: bool = False
     finished: bool = False
+    # Live migration in progress (a MigrationRecord), set while the router's coordinator runs.
+    migration: object | None = None
+    # Set by the stream when the source's "migrated" delta arrived (all its tokens are in).
+    migration_stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # A committed migration waiting for the destination's first token (its downtime).
+    resumed_migration: object | None = None
 
 
 class RequestTable:

@@ -18,14 +18,24 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from cluster.config import RouterConfig
+from cluster.config import MigrationConfig, RouterConfig
 from cluster.protocol import EngineRequest, TokenDelta
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.dispatcher import Candidate, fewest_queued_prompt_tokens, freest, least_loaded
 from router.errors import RequestError
-from router.freeness import FreenessConfig, InstanceView, pick_dispatch
+from router.freeness import (
+    InstanceView,
+    RequestView,
+    available_blocks,
+    is_high_priority,
+    pair_migrations,
+    pick_dispatch,
+    select_request,
+)
 from router.instances import Instance, InstanceState
 from router.metrics import RouterMetrics
+from router.migration import MODES, MigrationCoordinator, blocks_for
+from router.migration_types import DrainResult, MigrationRecord, MigrationState, MigrationStats
 from router.request_table import RequestState, RequestTable
 from router.validation import ValidatedRequest
 
@@ -51,7 +61,7 @@ class _InstanceFailed(Exception):
 
 class Router:
     def __init__(self, config: RouterConfig, instances: list[Instance], tokenizer,
-                 metrics: RouterMetrics | None = None, respawn=None):
+                 metrics: RouterMetrics | None = None, respawn=None, migration: MigrationConfig | None = None):
         self.config = config
         self.instances = {i.instance_id: i for i in instances}
         self.tokenizer = tokenizer
@@ -66,13 +76,22 @@ class Router:
         # respawn(info) -> a fresh actor for a dead instance (from the launcher); None: no respawn.
         self._respawn_fn = respawn if config.respawn_dead else None
         self._tasks: set[asyncio.Task] = set()
-        self.freeness = FreenessConfig()
+        self.migration_config = migration or MigrationConfig()
+        self.freeness = self.migration_config.freeness()
+        self.migrator = MigrationCoordinator(self, self.migration_config)
+        self.migration_stats = MigrationStats()
+        self._migrations: dict[str, MigrationRecord] = {}  # in flight, by migration id
+        self._migration_seq = 0
+        self._resumed: dict[str, asyncio.Event] = {}  # migration id -> set once it is counted
 
     # ---- lifecycle ----
     def start(self) -> None:
         self.metrics.watch(self)
         for inst in self.instances.values():
             self._start_pump(inst)
+        decode = [i for i in self.instances.values() if i.role == "decode"]
+        if self.migration_config.enabled and len(decode) >= 2:
+            self._spawn(self._balance_loop())
 
     def _start_pump(self, inst: Instance) -> None:
         self._pumps.append(asyncio.create_task(self._pump(inst), name=f"pump-{inst.instance_id}"))
@@ -136,7 +155,7 @@ class Router:
         # End the stream here, whatever phase the request is in; the engine side follows.
         state.deltas.put_nowait(TokenDelta(state.engine_request_id or request_id, [], True, "abort"))
         inst = self.instances.get(state.instance_id) if state.instance_id else None
-        if inst is not None and inst.ready:
+        if inst is not None and inst.serving:
             await self._call(inst.actor.abort.remote([state.engine_request_id]))
 
     def _remaining(self, state: RequestState):
@@ -235,7 +254,8 @@ class Router:
                 instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
                 num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
                 num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
-                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING)
+                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING,
+                high_priority_running=self._high_priority_count(i))
                 for i in ready]
             chosen = pick_dispatch(views, self.freeness, -(-num_tokens // block), priority)
             if chosen is not None:
@@ -289,7 +309,15 @@ class Router:
                 raise RequestError(grpc.StatusCode.INTERNAL,
                                    f"instance {state.instance_id} failed the request: {delta.error}")
             if delta.finish_reason == "dead":
+                if delta.request_id != state.engine_request_id:
+                    continue  # a stale report about an attempt already replaced
                 await self._place_resilient(state, delta.error or "instance died")
+                continue
+            if delta.finish_reason == "migrated":
+                if state.migration is not None and delta.request_id == state.engine_request_id:
+                    state.migration_stopped.set()  # the coordinator commits on the destination
+                else:  # stopped with nobody to resume it (should not happen): replay
+                    await self._place_resilient(state, "stopped for a migration that is gone")
                 continue
             self._observe_tokens(state, delta.token_ids, time.monotonic())
             # A prefill that ran to its one-token limit is not the end of the request.
@@ -343,11 +371,18 @@ class Router:
         if state.handoff_at is not None:
             self.metrics.handoff.observe(now - state.handoff_at)
             state.handoff_at = None
+        if state.resumed_migration is not None:
+            rec, state.resumed_migration = state.resumed_migration, None
+            rec.downtime_s = now - (state.last_token_at or now)
+            self._migration_finished(rec)
         state.last_token_at = now
         state.num_output_tokens += n
         self.metrics.generation_tokens.inc(n)
 
     def _release(self, state: RequestState) -> None:
+        if state.resumed_migration is not None:  # ended before the destination's first token
+            rec, state.resumed_migration = state.resumed_migration, None
+            self._migration_finished(rec)
         if not state.finished:
             self._abort_quietly(state)  # client went away or the stream failed
         inst = self.instances.get(state.instance_id) if state.instance_id else None
@@ -361,14 +396,20 @@ class Router:
         if state.prefill_instance_id is None:
             return
         source = self.instances[state.prefill_instance_id]
-        if source.ready:
+        if source.serving:
             self._fire(source.actor.kv_release.remote(state.prefill_engine_id))
 
     def _abort_quietly(self, state: RequestState) -> None:
         inst = self.instances.get(state.instance_id) if state.instance_id else None
-        if inst is None or not inst.ready:
+        if inst is None or not inst.serving:
             return
         self._fire(inst.actor.abort.remote([state.engine_request_id]))
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _fire(self, ref) -> None:
         """A best-effort call with a deadline whose result nobody waits for."""
@@ -377,6 +418,198 @@ class Router:
 
     async def _call(self, ref):
         return await asyncio.wait_for(ref, timeout=self.config.actor_call_timeout_s)
+
+    # ---- live migration (router/migration.py runs the protocol) ----
+    async def migrate(self, request_id: str, target: str | None = None, trigger: str = "admin",
+                      mode: str = "live") -> MigrationRecord:
+        """Moves a decoding request to decode instance `target` (None: the freest other one)
+        while it keeps running. Returns the finished record (committed or aborted)."""
+        if mode not in MODES:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown migration mode {mode!r}")
+        state = self.table.get(request_id)
+        if state is None or state.finished:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no in-flight request with id {request_id!r}")
+        src = self.instances.get(state.instance_id) if state.instance_id else None
+        if state.phase != "decode" or src is None or src.role != "decode":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"request {request_id!r} is not decoding on a decode instance (phase "
+                               f"{state.phase}); only decode instances migrate requests")
+        if state.migration is not None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"request {request_id!r} is already migrating ({state.migration.migration_id})")
+        dst = self._migration_target(state, src, target)
+        for inst in (src, dst):
+            if inst.migrating is not None:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"instance {inst.instance_id} is already in migration {inst.migrating} "
+                                   "(one at a time per instance)")
+        self._migration_seq += 1
+        rec = MigrationRecord(f"{state.engine_request_id}~m{self._migration_seq}", request_id,
+                              src.instance_id, dst.instance_id, trigger=trigger)
+        src.migrating = dst.migrating = rec.migration_id
+        state.migration = rec
+        self._migrations[rec.migration_id] = rec
+        self.migration_stats.started += 1
+        resumed = self._resumed[rec.migration_id] = asyncio.Event()
+        try:
+            await self.migrator.run(rec, state, src, dst, mode)
+        finally:
+            src.migrating = dst.migrating = None
+            if state.migration is rec:
+                state.migration = None
+            if rec.state == MigrationState.ABORTED or state.resumed_migration is not rec:
+                self._migration_finished(rec)
+        # The caller gets the downtime too: wait (bounded) for the destination's first token.
+        try:
+            await asyncio.wait_for(resumed.wait(), self.migration_config.timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._resumed.pop(rec.migration_id, None)
+        return rec
+
+    def _migration_target(self, state: RequestState, src: Instance, target: str | None) -> Instance:
+        if target:
+            dst = self.instances.get(target)
+            if dst is None:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"no instance {target!r}")
+            if dst.role != "decode" or not dst.ready:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"instance {target!r} is not a ready decode instance ({dst.role}, {dst.state.value})")
+            if dst is src:
+                raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"request {state.request_id!r} already runs on {target!r}")
+            return dst
+        needed = blocks_for(len(state.request.prompt_token_ids) + len(state.output_token_ids) + 1,
+                            src.info.block_size)
+        views = [v for v in self._decode_views() if v.instance_id != src.instance_id]
+        # Prefer an instance free to take it now; else name the busy one (refused just below).
+        chosen = (pick_dispatch([v for v in views if not v.migrating], self.freeness, needed,
+                                state.request.priority)
+                  or pick_dispatch(views, self.freeness, needed, state.request.priority))
+        if chosen is None:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"no other decode instance has room for request {state.request_id!r}")
+        return self.instances[chosen]
+
+    def _migration_finished(self, rec: MigrationRecord) -> None:
+        if self._migrations.pop(rec.migration_id, None) is None:
+            return  # already counted
+        resumed = self._resumed.get(rec.migration_id)
+        if resumed is not None:
+            resumed.set()
+        self.migration_stats.record(rec)
+        observe = getattr(self.metrics, "observe_migration", None)
+        if observe is not None:
+            observe(rec)
+
+    def migration_snapshot(self) -> dict:
+        in_flight = [r for r in self._migrations.values() if not r.state.done]
+        return self.migration_stats.snapshot(in_flight)
+
+    async def drain(self, instance_id: str, timeout_s: float | None = None) -> DrainResult:
+        """Sends nothing new to the instance and moves its running requests to other decode
+        instances (prefill and colocated instances just finish theirs); returns when it is
+        empty or the deadline passed. It stays draining until undrain()."""
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no instance {instance_id!r}")
+        if not inst.serving:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"instance {instance_id!r} is {inst.state.value}, not serving")
+        inst.state = InstanceState.DRAINING
+        result = DrainResult(instance_id)
+        deadline = time.monotonic() + (timeout_s or self.migration_config.drain_timeout_s)
+        while inst.in_flight and time.monotonic() < deadline and inst.state == InstanceState.DRAINING:
+            moved = False
+            if inst.role == "decode":
+                for request_id in sorted(inst.in_flight):
+                    state = self.table.get(request_id)
+                    if state is None or state.phase != "decode" or state.migration is not None:
+                        continue
+                    try:
+                        rec = await self.migrate(request_id, None, trigger="drain")
+                    except RequestError:
+                        continue  # finished meanwhile, or nowhere to go yet: next round
+                    result.migrations.append(rec)
+                    if rec.state == MigrationState.COMMITTED:
+                        result.migrated += 1
+                        moved = True
+                    else:
+                        result.failed += 1
+            if not moved:
+                await asyncio.sleep(0.05)
+        result.remaining = len(inst.in_flight)
+        return result
+
+    def undrain(self, instance_id: str) -> None:
+        inst = self.instances.get(instance_id)
+        if inst is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no instance {instance_id!r}")
+        if inst.state != InstanceState.DRAINING:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"instance {instance_id!r} is {inst.state.value}, not draining")
+        inst.state = InstanceState.READY
+
+    def _high_priority_count(self, inst: Instance) -> int:
+        n = 0
+        for request_id in inst.in_flight:
+            state = self.table.get(request_id)
+            if state is not None and is_high_priority(state.request.priority, self.freeness):
+                n += 1
+        return n
+
+    def _decode_views(self) -> list[InstanceView]:
+        views = []
+        for i in self.instances.values():
+            if i.role != "decode" or not i.serving or i.load is None:
+                continue
+            views.append(InstanceView(
+                instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
+                num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
+                num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
+                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING,
+                high_priority_running=self._high_priority_count(i), migrating=i.migrating is not None))
+        return views
+
+    async def _balance_loop(self) -> None:
+        """Llumnix's periodic pairing: the most loaded decode instances give a request each to
+        the freest ones (thresholds and selection policy in MigrationConfig)."""
+        while not self._stopping:
+            await asyncio.sleep(self.migration_config.interval_s)
+            try:
+                self.balance_once()
+            except Exception:  # never let one bad round stop the balancing
+                log.exception("migration pairing round failed")
+
+    def balance_once(self) -> list[tuple[str, str, str]]:
+        """One pairing round; starts the chosen migrations. Returns (request, source, target)."""
+        views = {v.instance_id: v for v in self._decode_views()}
+        started = []
+        now = time.monotonic()
+        for src_id, dst_id in pair_migrations(list(views.values()), self.freeness):
+            src = self.instances[src_id]
+            candidates = []
+            for request_id in src.in_flight:
+                state = self.table.get(request_id)
+                if state is None or state.phase != "decode" or state.migration is not None or state.finished:
+                    continue
+                num_tokens = len(state.request.prompt_token_ids) + len(state.output_token_ids)
+                candidates.append(RequestView(request_id, src_id, blocks_for(num_tokens + 1, src.info.block_size),
+                                              num_tokens, state.request.priority, now - state.arrival))
+            chosen = select_request(candidates, self.freeness, available_blocks(views[dst_id], self.freeness),
+                                    source_draining=views[src_id].draining)
+            if chosen is None:
+                continue
+            started.append((chosen.request_id, src_id, dst_id))
+            self._spawn(self._migrate_quietly(chosen.request_id, dst_id, "balance"))
+        return started
+
+    async def _migrate_quietly(self, request_id: str, target: str, trigger: str) -> None:
+        try:
+            await self.migrate(request_id, target, trigger=trigger)
+        except RequestError as exc:  # it finished, or the pair changed since the round
+            log.debug("%s migration of %s skipped: %s", trigger, request_id, exc.message)
 
     # ---- per-instance output pump ----
     async def _pump(self, inst: Instance) -> None:
@@ -407,9 +640,7 @@ class Router:
         inst.state = InstanceState.DEAD
         inst.death_reason = reason
         if self._respawn_fn is not None and not self._stopping:
-            task = asyncio.get_running_loop().create_task(self._respawn(inst))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._respawn(inst))
         for request_id in list(inst.in_flight):
             state = self.table.get(request_id)
             if state is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -11,13 +14,18 @@ from grpc_reflection.v1alpha import reflection
 
 from proto import disagg_pb2 as pb
 from router.errors import RequestError
-from router.router import Chunk, Router
+from router.migration_types import DrainResult, MigrationRecord
 from router.validation import Limits, validate
+
+if TYPE_CHECKING:  # annotations only: the servicer needs nothing else of the router module
+    from router.router import Chunk, Router
 
 log = logging.getLogger(__name__)
 
 _KV_FIELDS = set(pb.KVTransferStats.DESCRIPTOR.fields_by_name)
 _SPEC_FIELDS = set(pb.SpecDecodeStats.DESCRIPTOR.fields_by_name)
+_MIGRATION_FIELDS = set(pb.MigrationInfo.DESCRIPTOR.fields_by_name)
+_MIGRATION_STATS_FIELDS = set(pb.MigrationStats.DESCRIPTOR.fields_by_name) - {"in_flight"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DisaggServe"].full_name
 _FINISH = {
     "length": pb.FINISH_REASON_LENGTH,
@@ -70,6 +78,10 @@ def add_servicer(servicer: DisaggServeServicer, server) -> None:
                                 pb.GetModelInfoRequest, pb.ModelInfo),
         "GetClusterStatus": handler(grpc.unary_unary_rpc_method_handler, servicer.GetClusterStatus,
                                     pb.GetClusterStatusRequest, pb.ClusterStatus),
+        "Migrate": handler(grpc.unary_unary_rpc_method_handler, servicer.Migrate,
+                           pb.MigrateRequest, pb.MigrateResponse),
+        "Drain": handler(grpc.unary_unary_rpc_method_handler, servicer.Drain,
+                         pb.DrainRequest, pb.DrainResponse),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
 
@@ -84,6 +96,56 @@ def chunk_to_proto(chunk: Chunk) -> pb.GenerateResponse:
         msg.usage.completion_tokens = chunk.completion_tokens
         msg.served_by.extend(chunk.served_by)
     return msg
+
+
+def migration_to_proto(info: MigrationRecord | dict) -> pb.MigrationInfo:
+    """A record, or its to_dict() (as in a stats snapshot), as a MigrationInfo."""
+    d = info.to_dict() if isinstance(info, MigrationRecord) else info
+    # A key the proto lacks is left out rather than failing status (a unit test pins the two).
+    msg = pb.MigrationInfo(**{k: v for k, v in d.items()
+                              if k in _MIGRATION_FIELDS and k != "downtime_s"})
+    downtime = d.get("downtime_s")
+    if downtime is not None:
+        msg.downtime_s = downtime
+    return msg
+
+
+def migration_stats_to_proto(snapshot: dict) -> pb.MigrationStats:
+    """MigrationStats.snapshot() output as a MigrationStats message."""
+    fields = {k: v for k, v in snapshot.items() if k in _MIGRATION_STATS_FIELDS}
+    in_flight = [migration_to_proto(r) for r in snapshot.get("in_flight", ())]
+    return pb.MigrationStats(**fields, in_flight=in_flight)
+
+
+def drain_to_proto(result: DrainResult) -> pb.DrainResponse:
+    return pb.DrainResponse(instance_id=result.instance_id, migrated=result.migrated,
+                            remaining=result.remaining, failed=result.failed,
+                            migrations=[migration_to_proto(r) for r in result.migrations])
+
+
+_ORPHANS: set[asyncio.Future] = set()  # detached operations nobody awaits any more (strong refs)
+
+
+async def _detached(coro):
+    """Awaits an admin operation that runs to its end even if the caller goes away: a client
+    that drops a Migrate/Drain call must not cancel a migration halfway (the router finishes
+    or aborts it cleanly on its own deadlines)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _ORPHANS.add(task)
+        task.add_done_callback(_log_orphaned)
+        raise
+
+
+def _log_orphaned(task: asyncio.Future) -> None:
+    _ORPHANS.discard(task)
+    if task.cancelled():
+        return
+    exc = task.exception()  # also keeps asyncio from warning that nobody retrieved it
+    if exc is not None and not isinstance(exc, RequestError):
+        log.error("admin operation failed after its caller left: %r", exc)
 
 
 class DisaggServeServicer:
@@ -116,6 +178,34 @@ class DisaggServeServicer:
             await _abort(context, exc)
         return pb.AbortResponse()
 
+    async def Migrate(self, request, context):
+        try:
+            _check_parsed(request)
+            if not request.request_id:
+                raise RequestError.invalid("request_id is required")
+            record = await _detached(self.router.migrate(
+                request.request_id, request.target_instance or None, trigger="admin"))
+        except RequestError as exc:
+            await _abort(context, exc)
+        return pb.MigrateResponse(migration=migration_to_proto(record))
+
+    async def Drain(self, request, context):
+        try:
+            _check_parsed(request)
+            if not request.instance_id:
+                raise RequestError.invalid("instance_id is required")
+            if not math.isfinite(request.timeout_s) or request.timeout_s < 0:
+                raise RequestError.invalid(
+                    f"timeout_s must be a finite number >= 0 (0: the server's default), "
+                    f"got {request.timeout_s}")
+            if request.cancel:
+                self.router.undrain(request.instance_id)
+                return pb.DrainResponse(instance_id=request.instance_id)
+            result = await _detached(self.router.drain(request.instance_id, request.timeout_s or None))
+        except RequestError as exc:
+            await _abort(context, exc)
+        return drain_to_proto(result)
+
     async def GetModelInfo(self, request, context):
         return pb.ModelInfo(
             model=self.model_name,
@@ -136,6 +226,7 @@ class DisaggServeServicer:
             requests_total=r.requests_total,
             uptime_s=time.time() - r.started_at,
             mode="disaggregated" if r.disaggregated else "colocated",
+            migrations=migration_stats_to_proto(r.migration_snapshot()),
         )
         for inst in r.instances.values():
             entry = status.instances.add(

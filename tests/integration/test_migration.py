@@ -1,0 +1,353 @@
+"""Live migration between decode instances, end to end: 1 prefill + 2 decode instances (real
+Ray, real vLLM CPU engines, gRPC over loopback), migrations started through the Migrate and
+Drain RPCs while the client streams. Block size 32 so a few hundred tokens span many blocks
+and the pre-copy stages have work to do. Automatic balancing is off: the tests decide."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import grpc
+import pytest
+
+from cluster.client import AsyncClient, status_to_dict
+from tests.integration.conftest import ENGINE_ARGS, corpus_token_ids, run_server, wait_idle
+
+BLOCK = 32
+
+
+@pytest.fixture(scope="module")
+def migration_server(target_model):
+    yield from run_server(["--prefill", "1", "--decode", "2", "--model", target_model, *ENGINE_ARGS,
+                           "--block-size", str(BLOCK), "--no-migration"])
+
+
+@pytest.fixture(scope="module")
+def reference(reference_llm):
+    """Greedy, EOS ignored (every request runs to max_tokens), on the plain engine."""
+    from vllm import SamplingParams
+
+    def run(prompts, max_tokens):
+        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+        outs = reference_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    return run
+
+
+def instances(status: dict) -> dict:
+    return {i["instance_id"]: i for i in status["instances"]}
+
+
+class Stream:
+    """One streaming request whose tokens (and their arrival) the test can watch."""
+
+    def __init__(self, client: AsyncClient, request_id: str, prompt, max_tokens: int, priority: int = 0):
+        self.request_id = request_id
+        self.tokens: list[int] = []
+        self.messages = 0
+        self.final = None
+        self._progress = asyncio.Event()
+        self.task = asyncio.ensure_future(self._run(client, prompt, max_tokens, priority))
+
+    async def _run(self, client, prompt, max_tokens, priority):
+        async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                       request_id=self.request_id, priority=priority):
+            self.tokens.extend(msg.token_ids)
+            self.messages += 1
+            if msg.finished:
+                self.final = msg
+            self._progress.set()
+        return self
+
+    async def reach(self, n: int, timeout_s: float = 60.0) -> None:
+        async def wait():
+            while len(self.tokens) < n:
+                if self.task.done():
+                    raise AssertionError(f"{self.request_id} finished with {len(self.tokens)} < {n} tokens")
+                self._progress.clear()
+                await self._progress.wait()
+
+        await asyncio.wait_for(wait(), timeout_s)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def check_equal(streams, expected) -> None:
+    for s, want in zip(streams, expected):
+        assert s.final is not None, f"{s.request_id} never finished"
+        assert len(s.tokens) == len(want), f"{s.request_id}: {len(s.tokens)} tokens, {len(want)} expected"
+        assert s.tokens == want, f"{s.request_id} diverged from the plain engine"
+        assert s.final.usage.completion_tokens == len(want)
+
+
+def test_migrated_once_and_twice_equal_plain_engine(migration_server, reference, tokenizer):
+    prompts = [corpus_token_ids(tokenizer, n, offset=97 * i) for i, n in enumerate((150, 60, 300))]
+    max_tokens = [520, 500, 420]
+    expected = reference(prompts, max_tokens)
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=300)
+        try:
+            before = instances(status_to_dict(await client.cluster_status()))
+            streams = [Stream(client, f"mig-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            # Once: request 0 after 40 tokens.
+            await streams[0].reach(40)
+            once = await client.migrate("mig-0")
+            # Twice: request 1 to the other decode instance and back.
+            await streams[1].reach(30)
+            first = await client.migrate("mig-1")
+            await streams[1].reach(len(streams[1].tokens) + 100)
+            second = await client.migrate("mig-1")
+            await asyncio.gather(*(s.task for s in streams))
+            return streams, (once, first, second), before
+        finally:
+            await client.close()
+
+    streams, migrations, before = run(scenario())
+    check_equal(streams, expected)
+    for m in migrations:
+        assert m["state"] == "committed", m
+        assert m["stages"] >= 1 and m["blocks_copied"] >= 1, m
+        assert m["tokens_moved"] >= 30, m
+        assert m["downtime_s"] is not None and m["downtime_s"] > 0
+    once, first, second = migrations
+    assert first["source"] == second["target"] and first["target"] == second["source"]
+    # The client saw the request served by its prefill, then each decode instance in turn.
+    served = list(streams[1].final.served_by)
+    assert served[0] == "prefill-0" and served[1:] == [first["source"], first["target"], second["target"]]
+    assert len(streams[0].final.served_by) == 3
+
+    after = wait_idle_client(migration_server)
+    stats = after["migrations"]
+    assert int(stats["committed"]) >= 3
+    # The KV moved: destinations computed only the few tokens the source had not (not the
+    # hundreds of tokens each sequence had by then).
+    grew = sum(int(after_i.get("prompt_tokens_computed", 0)) - int(before[k].get("prompt_tokens_computed", 0))
+               for k, after_i in instances(after).items() if after_i["role"] == "decode")
+    handoffs = len(streams)
+    assert grew <= handoffs + 3 * 4, f"decode instances recomputed {grew} tokens"
+
+
+def wait_idle_client(server) -> dict:
+    from cluster.client import Client
+
+    with Client(server.address, timeout=60) as c:
+        status = wait_idle(c)
+        for inst in status["instances"]:
+            assert int(inst.get("kv_transfer", {}).get("blocks_held", 0)) == 0
+        return status
+
+
+def test_stop_copy_and_errors(migration_server):
+    """Bad admin calls get clear statuses and change nothing."""
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=60)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.migrate("no-such-request")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.drain("no-such-instance")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            s = Stream(client, "err-0", list(range(5, 60)), 400)
+            await s.reach(10)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.migrate("err-0", "prefill-0")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await client.migrate("err-0", "decode-9")
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            await s.task
+            return s
+        finally:
+            await client.close()
+
+    s = run(scenario())
+    assert len(s.tokens) == 400
+    wait_idle_client(migration_server)
+
+
+def test_concurrent_migrations_on_one_instance(migration_server, reference, tokenizer):
+    """Two migrations off the same source at once: one runs, the other is refused (one
+    migration per instance at a time) or runs after it; every request completes exactly."""
+    prompts = [corpus_token_ids(tokenizer, 80, offset=1000 + 53 * i) for i in range(4)]
+    max_tokens = [450] * 4
+    expected = reference(prompts, max_tokens)
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=300)
+        try:
+            streams = [Stream(client, f"conc-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            for s in streams:
+                await s.reach(20)
+            status = status_to_dict(await client.cluster_status())
+            by_source: dict[str, list[str]] = {}
+            for inst in status["instances"]:
+                if inst["role"] == "decode":
+                    by_source[inst["instance_id"]] = []
+            # Which instance each request runs on is the router's business; try pairs of all.
+            results = await asyncio.gather(*(client.migrate(s.request_id) for s in streams),
+                                           return_exceptions=True)
+            await asyncio.gather(*(s.task for s in streams))
+            return streams, results
+        finally:
+            await client.close()
+
+    streams, results = run(scenario())
+    check_equal(streams, expected)
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    for r in refused:
+        assert r.code() == grpc.StatusCode.FAILED_PRECONDITION, r
+        assert "already in migration" in r.details() or "already migrating" in r.details()
+    committed = [r for r in results if isinstance(r, dict) and r["state"] == "committed"]
+    assert committed, results
+    assert refused, "four simultaneous migrations between two instances: some must be refused"
+    wait_idle_client(migration_server)
+
+
+def test_drain_moves_everything_and_requests_complete(migration_server, reference, tokenizer):
+    prompts = [corpus_token_ids(tokenizer, 40 + 20 * i, offset=2000 + 71 * i) for i in range(6)]
+    max_tokens = [420] * 6
+    expected = reference(prompts, max_tokens)
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=300)
+        try:
+            streams = [Stream(client, f"drain-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            for s in streams:
+                await s.reach(15)
+            result = await client.drain("decode-0", timeout_s=60)
+            status = instances(status_to_dict(await client.cluster_status()))
+            await asyncio.gather(*(s.task for s in streams))
+            undrained = await client.drain("decode-0", cancel=True)
+            return streams, result, status, undrained
+        finally:
+            await client.close()
+
+    streams, result, status, _ = run(scenario())
+    check_equal(streams, expected)
+    assert result["remaining"] == 0, result
+    assert status["decode-0"]["state"] == "draining"
+    assert int(status["decode-0"].get("load", {}).get("num_running", 0)) == 0
+    for s in streams:  # nothing finished on the drained instance after the drain
+        assert list(s.final.served_by)[-1] == "decode-1", s.final.served_by
+    after = wait_idle_client(migration_server)
+    assert instances(after)["decode-0"]["state"] == "ready"
+
+
+def test_destination_dies_mid_migration(migration_server, reference, tokenizer):
+    """Kill the destination while the migration runs: the request goes on (on the source, or
+    replayed if the source had already stopped it) and completes exactly."""
+    prompts = [corpus_token_ids(tokenizer, 200, offset=3000)]
+    expected = reference(prompts, [500])
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=300)
+        try:
+            s = Stream(client, "dst-dies", prompts[0], 500)
+            await s.reach(20)
+            status = instances(status_to_dict(await client.cluster_status()))
+            running_on = [k for k, v in status.items()
+                          if v["role"] == "decode" and int(v.get("load", {}).get("num_running", 0)) > 0]
+            assert len(running_on) == 1, status
+            target = "decode-1" if running_on[0] == "decode-0" else "decode-0"
+            migration = asyncio.ensure_future(client.migrate("dst-dies", target))
+            await asyncio.sleep(0.005)
+            os.kill(int(status[target]["pid"]), signal.SIGKILL)
+            result = await migration
+            await s.task
+            return s, result
+        finally:
+            await client.close()
+
+    s, result = run(scenario())
+    check_equal([s], expected)
+    # Usually it aborts; if the commit won the race the request was replayed after the death.
+    assert result["state"] in ("aborted", "committed"), result
+    wait_respawned_and_idle(migration_server)
+
+
+def test_source_dies_mid_migration(migration_server, reference, tokenizer):
+    """Kill the source during pre-copy: the router replays the request; the destination's
+    reservation is freed (cancelled, or expired)."""
+    prompts = [corpus_token_ids(tokenizer, 250, offset=4000)]
+    expected = reference(prompts, [500])
+
+    async def scenario():
+        client = AsyncClient(migration_server.address, timeout=300)
+        try:
+            s = Stream(client, "src-dies", prompts[0], 500)
+            await s.reach(20)
+            status = instances(status_to_dict(await client.cluster_status()))
+            source = [k for k, v in status.items()
+                      if v["role"] == "decode" and int(v.get("load", {}).get("num_running", 0)) > 0][0]
+            target = "decode-1" if source == "decode-0" else "decode-0"
+            migration = asyncio.ensure_future(client.migrate("src-dies", target))
+            await asyncio.sleep(0.005)
+            os.kill(int(status[source]["pid"]), signal.SIGKILL)
+            result = await migration
+            await s.task
+            return s, result
+        finally:
+            await client.close()
+
+    s, result = run(scenario())
+    check_equal([s], expected)
+    assert result["state"] in ("aborted", "committed"), result
+    wait_respawned_and_idle(migration_server)
+
+
+def wait_respawned_and_idle(server) -> dict:
+    import time
+
+    from cluster.client import Client
+
+    with Client(server.address, timeout=60) as c:
+        deadline = time.monotonic() + 240
+        while True:
+            status = status_to_dict(c.cluster_status())
+            if all(i["state"] == "ready" for i in status["instances"]):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+    return wait_idle_client(server)
+
+
+@pytest.fixture(scope="module")
+def no_room_server(target_model):
+    """Destinations always lack memory: every reservation would leave fewer free blocks than
+    this watermark."""
+    yield from run_server(["--prefill", "1", "--decode", "2", "--model", target_model, *ENGINE_ARGS,
+                           "--block-size", str(BLOCK), "--no-migration",
+                           "--migration-reserve-watermark-blocks", "1000000"])
+
+
+def test_destination_without_memory_leaves_request_untouched(no_room_server, reference, tokenizer):
+    prompts = [corpus_token_ids(tokenizer, 120, offset=5000)]
+    expected = reference(prompts, [300])
+
+    async def scenario():
+        client = AsyncClient(no_room_server.address, timeout=300)
+        try:
+            s = Stream(client, "no-room", prompts[0], 300)
+            await s.reach(20)
+            result = await client.migrate("no-room")
+            drained = await client.drain("decode-0", timeout_s=1.0)
+            await client.drain("decode-0", cancel=True)
+            await s.task
+            return s, result, drained
+        finally:
+            await client.close()
+
+    s, result, _ = run(scenario())
+    assert result["state"] == "aborted" and result["reason"].startswith("destination_no_memory"), result
+    check_equal([s], expected)
+    assert len(s.final.served_by) == 2  # prefill, then the one decode instance it never left
+    status = wait_idle_client(no_room_server)
+    assert int(status["migrations"]["aborted"]) >= 1
