@@ -351,3 +351,41 @@ def test_destination_without_memory_leaves_request_untouched(no_room_server, ref
     assert len(s.final.served_by) == 2  # prefill, then the one decode instance it never left
     status = wait_idle_client(no_room_server)
     assert int(status["migrations"]["aborted"]) >= 1
+
+
+@pytest.fixture(scope="module")
+def tetris_server(target_model, demo_models):
+    """The demo's decode pool: TETRIS speculative decoding with the draft model, whose KV lives
+    in the same blocks as the target's and must move with it."""
+    yield from run_server(["--prefill", "1", "--decode", "2", "--model", target_model, *ENGINE_ARGS,
+                           "--block-size", str(BLOCK), "--no-migration",
+                           "--spec-draft-model", str(demo_models / "draft"), "--spec-k", "2", "--spec-extra", "2"])
+
+
+def test_migration_under_tetris_speculative_decoding(tetris_server, reference, tokenizer):
+    prompts = [corpus_token_ids(tokenizer, n, offset=6000 + 37 * i) for i, n in enumerate((100, 220))]
+    max_tokens = [480, 400]
+    expected = reference(prompts, max_tokens)
+
+    async def scenario():
+        client = AsyncClient(tetris_server.address, timeout=300)
+        try:
+            streams = [Stream(client, f"spec-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            await streams[0].reach(40)
+            first = await client.migrate("spec-0")
+            await streams[0].reach(len(streams[0].tokens) + 80)
+            second = await client.migrate("spec-0")
+            await streams[1].reach(60)
+            third = await client.migrate("spec-1")
+            await asyncio.gather(*(s.task for s in streams))
+            return streams, (first, second, third)
+        finally:
+            await client.close()
+
+    streams, migrations = run(scenario())
+    check_equal(streams, expected)
+    for m in migrations:
+        assert m["state"] == "committed", m
+    status = wait_idle_client(tetris_server)
+    accepted = sum(int(i.get("spec_decode", {}).get("accepted", 0)) for i in status["instances"])
+    assert accepted > 0  # speculation really ran on both sides of the migrations
