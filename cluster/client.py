@@ -72,6 +72,7 @@ def migration_to_dict(info: pb.MigrationInfo) -> dict:
     """The MigrationRecord.to_dict() form: plain Python numbers, downtime_s None when unknown."""
     d = {f.name: getattr(info, f.name) for f in info.DESCRIPTOR.fields}
     d["downtime_s"] = info.downtime_s if info.HasField("downtime_s") else None
+    d["phases_s"] = dict(info.phases_s)
     return d
 
 

@@ -163,6 +163,17 @@ class KVTransferAgent:
             self.stats.transfers_out += 1
         return meta
 
+    def warm_exports(self, spare_segments: int = 1) -> None:
+        """Same-host transports: have a pre-faulted segment ready beyond any in use (called
+        during a migration's pre-copy, so the tail's export inside the downtime is fast)."""
+        if self.transport.name not in ("auto", "shm"):
+            return
+        from cluster.kv_transport_shm import ShmPool
+
+        if self._shm_pool is None:
+            self._shm_pool = ShmPool()
+        self._shm_pool.keep_free(spare_segments)
+
     def nccl_join(self, key: str, unique_id, signature) -> bool:
         from cluster.kv_transport_nccl import NcclSource
 

@@ -13,12 +13,23 @@ from __future__ import annotations
 import threading
 from multiprocessing import resource_tracker, shared_memory
 
+import numpy as np
 import torch
 
 from cluster.kv_layout import KVCacheView
 from cluster.kv_transport import KVTransport, SourceRef, TransferError, ask_source
 
 MIN_SEGMENT_BYTES = 64 << 20
+
+
+def _prefaulted(nbytes: int) -> shared_memory.SharedMemory:
+    """A new segment with its pages faulted in now, not during a transfer. numpy writes the
+    zeros without holding the GIL, so the engine thread in this process keeps stepping."""
+    seg = shared_memory.SharedMemory(create=True, size=nbytes)
+    pages = np.frombuffer(seg.buf, dtype=np.uint8)
+    pages[:] = 0
+    del pages  # no view may outlive the segment's close()
+    return seg
 
 
 class ShmPool:
@@ -36,10 +47,20 @@ class ShmPool:
                 seg = min(fits, key=lambda s: s.size)
                 self._free.remove(seg)
             else:
-                seg = shared_memory.SharedMemory(create=True, size=max(nbytes, MIN_SEGMENT_BYTES))
-                seg.buf[:] = b"\0" * seg.size  # fault the pages in now, not during transfers
+                seg = _prefaulted(max(nbytes, MIN_SEGMENT_BYTES))
             self._lent[transfer_id] = seg
             return seg
+
+    def keep_free(self, count: int, nbytes: int = MIN_SEGMENT_BYTES) -> None:
+        """Pre-faults segments until `count` of at least `nbytes` are free, so a later export
+        that is latency-critical (a migration's tail, inside its downtime) finds one ready."""
+        while True:
+            with self._lock:
+                if sum(1 for s in self._free if s.size >= nbytes) >= count:
+                    return
+            seg = _prefaulted(max(nbytes, MIN_SEGMENT_BYTES))
+            with self._lock:
+                self._free.append(seg)
 
     def give_back(self, transfer_id: str) -> None:
         with self._lock:

@@ -80,7 +80,10 @@ class DecodeWorker(KVWorkerMixin, EngineWorker):
                     "num_blocks": len(blocks), "num_computed_tokens": progress.num_computed_tokens,
                     "num_tokens": progress.num_tokens, "preemptions": progress.num_preemptions}
 
-        return self.loop.call(on_loop, LOOP_CALL_TIMEOUT_S)
+        out = self.loop.call(on_loop, LOOP_CALL_TIMEOUT_S)
+        if out["status"] == "ok":
+            self.agent.warm_exports(spare_segments=2)  # this stage's export and the tail's
+        return out
 
     def migrate_out_stop(self, request_id: str, migration_id: str, from_block: int, preemptions: int) -> dict:
         """Stops the request here (its stream ends with finish reason "migrated", after every
@@ -92,7 +95,8 @@ class DecodeWorker(KVWorkerMixin, EngineWorker):
             progress = self._progress(loop, request_id)
             if progress is None or progress.status == "finished":
                 return {"status": "gone"}
-            if progress.status != "running" or progress.num_preemptions != preemptions:
+            # preemptions < 0: no stage ran (stop_copy / recompute), nothing staged can be stale.
+            if progress.status != "running" or 0 <= preemptions != progress.num_preemptions:
                 return {"status": "preempted"}
             transfer_id = tail_transfer_id(migration_id)
             self.agent.migrations.mark_stopping(loop.internal_id(request_id), transfer_id, from_block)

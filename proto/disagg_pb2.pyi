@@ -247,7 +247,14 @@ class MigrateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., target_instance: _Optional[str] = ...) -> None: ...
 
 class MigrationInfo(_message.Message):
-    __slots__ = ("migration_id", "request_id", "source", "target", "state", "reason", "trigger", "stages", "blocks_copied", "tokens_moved", "downtime_s", "duration_s")
+    __slots__ = ("migration_id", "request_id", "source", "target", "state", "reason", "trigger", "stages", "blocks_copied", "tokens_moved", "downtime_s", "duration_s", "phases_s")
+    class PhasesSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +267,7 @@ class MigrationInfo(_message.Message):
     TOKENS_MOVED_FIELD_NUMBER: _ClassVar[int]
     DOWNTIME_S_FIELD_NUMBER: _ClassVar[int]
     DURATION_S_FIELD_NUMBER: _ClassVar[int]
+    PHASES_S_FIELD_NUMBER: _ClassVar[int]
     migration_id: str
     request_id: str
     source: str
@@ -272,7 +280,8 @@ class MigrationInfo(_message.Message):
     tokens_moved: int
     downtime_s: float
     duration_s: float
-    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., trigger: _Optional[str] = ..., stages: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., tokens_moved: _Optional[int] = ..., downtime_s: _Optional[float] = ..., duration_s: _Optional[float] = ...) -> None: ...
+    phases_s: _containers.ScalarMap[str, float]
+    def __init__(self, migration_id: _Optional[str] = ..., request_id: _Optional[str] = ..., source: _Optional[str] = ..., target: _Optional[str] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., trigger: _Optional[str] = ..., stages: _Optional[int] = ..., blocks_copied: _Optional[int] = ..., tokens_moved: _Optional[int] = ..., downtime_s: _Optional[float] = ..., duration_s: _Optional[float] = ..., phases_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class MigrateResponse(_message.Message):
     __slots__ = ("migration",)

@@ -127,7 +127,9 @@ class MigrationCoordinator:
             advance(rec, MigrationState.STOPPING)
         self._check_source(state, src, engine_id)
         state.migration_stopped.clear()
+        self._mark(rec)
         out = await call(src.actor.migrate_out_stop.remote(engine_id, rec.migration_id, staged, preemptions))
+        self._mark(rec, "stop")
         if out["status"] != "stopped":
             raise MigrationAborted(self._not_running(out["status"]))
         rec.tokens_moved = out["num_computed_tokens"] if mode != "recompute" else 0
@@ -138,6 +140,7 @@ class MigrationCoordinator:
         call = self.router._call
         # Every token the source produced reached the stream before its "migrated" delta.
         await self._wait_stream_caught_up(state, engine_id)
+        self._mark(rec, "catch_up")
         advance(rec, MigrationState.COMMITTING)
         num_tokens = stop["num_computed_tokens"]
         if mode == "recompute":
@@ -149,8 +152,11 @@ class MigrationCoordinator:
                 rec.migration_id, src.instance_id, src.actor, src.info.node_id, stop["transfer_id"],
                 staged, stop["num_blocks"], self.config.timeout_s))
             rec.blocks_copied += stop["num_blocks"]
+        self._mark(rec, "tail")
         if self.router.table.get(state.request_id) is not state or state.finished:
             raise MigrationAborted("client_gone: the request ended while it moved")
+        if state.engine_request_id != engine_id or state.instance_id != src.instance_id:
+            raise MigrationAborted("source_failed: the request was replayed while it moved")
         prompt, sampling = self.router._remaining(state)
         new_id = self.router._next_attempt(state)
         kv = {"migrated_in": rec.migration_id} if num_tokens else None
@@ -165,8 +171,17 @@ class MigrationCoordinator:
             await call(dst.actor.migrate_in_commit.remote(rec.migration_id, request, num_tokens))
         else:
             await call(dst.actor.add_request.remote(request))
+        self._mark(rec, "commit")
         state.served_by.append(dst.instance_id)
         advance(rec, MigrationState.COMMITTED)
+
+    @staticmethod
+    def _mark(rec: MigrationRecord, phase: str | None = None) -> None:
+        """Times the phases after the stop (the downtime's parts); None starts the clock."""
+        now = time.monotonic()
+        if phase is not None:
+            rec.phases_s[phase] = now - rec.phases_s.get("_t", now)
+        rec.phases_s["_t"] = now
 
     async def _wait_stream_caught_up(self, state, engine_id: str) -> None:
         deadline = time.monotonic() + self.config.timeout_s
@@ -208,6 +223,8 @@ class MigrationCoordinator:
             self.router._fire(src.actor.kv_release.remote(tail_transfer_id(rec.migration_id)))
         if self.router.table.get(state.request_id) is not state or state.finished:
             return
+        if state.engine_request_id != engine_id and state.instance_id != dst.instance_id:
+            return  # the router already replayed it (its source died): that attempt is not ours
         if state.instance_id == dst.instance_id and state.engine_request_id != engine_id:
             self.router._fire(dst.actor.abort.remote([state.engine_request_id]))
         # Stopped on the source, not running on the destination: replay what is left of it.

@@ -38,6 +38,8 @@ class MigrationRecord:
     tokens_moved: int = 0
     # Source's last token before the stop -> destination's first token after it.
     downtime_s: float | None = None
+    # Where the downtime went (see MigrationInfo.phases_s in proto/disagg.proto).
+    phases_s: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
 
@@ -53,6 +55,7 @@ class MigrationRecord:
             "reason": self.reason, "trigger": self.trigger, "stages": self.stages,
             "blocks_copied": self.blocks_copied, "tokens_moved": self.tokens_moved,
             "downtime_s": self.downtime_s, "duration_s": self.duration_s,
+            "phases_s": {k: v for k, v in self.phases_s.items() if not k.startswith("_")},
         }
 
 

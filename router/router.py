@@ -374,6 +374,9 @@ class Router:
         if state.resumed_migration is not None:
             rec, state.resumed_migration = state.resumed_migration, None
             rec.downtime_s = now - (state.last_token_at or now)
+            mark = rec.phases_s.pop("_t", None)
+            if mark is not None:
+                rec.phases_s["first_token"] = now - mark
             self._migration_finished(rec)
         state.last_token_at = now
         state.num_output_tokens += n
