@@ -94,7 +94,8 @@ class MigrationCoordinator:
             advance(rec, MigrationState.PRECOPY)
             for stage in range(self.config.max_stages):
                 self._check_source(state, src, engine_id)
-                out = await call(src.actor.migrate_out_stage.remote(engine_id, rec.migration_id, stage, staged))
+                out = await self._source_call(src, src.actor.migrate_out_stage.remote(
+                    engine_id, rec.migration_id, stage, staged))
                 if out["status"] != "ok":
                     raise MigrationAborted(self._not_running(out["status"]))
                 if preemptions < 0:
@@ -128,7 +129,8 @@ class MigrationCoordinator:
         self._check_source(state, src, engine_id)
         state.migration_stopped.clear()
         self._mark(rec)
-        out = await call(src.actor.migrate_out_stop.remote(engine_id, rec.migration_id, staged, preemptions))
+        out = await self._source_call(src, src.actor.migrate_out_stop.remote(
+            engine_id, rec.migration_id, staged, preemptions))
         self._mark(rec, "stop")
         if out["status"] != "stopped":
             raise MigrationAborted(self._not_running(out["status"]))
@@ -174,6 +176,15 @@ class MigrationCoordinator:
         self._mark(rec, "commit")
         state.served_by.append(dst.instance_id)
         advance(rec, MigrationState.COMMITTED)
+
+    async def _source_call(self, src, ref):
+        """A call to the source before the request stopped there: its failure aborts the
+        migration as the source's (if the source did stop the request and only the reply was
+        lost, its "migrated" marker finds no migration and the router replays the request)."""
+        try:
+            return await self.router._call(ref)
+        except Exception as exc:
+            raise MigrationAborted(f"source_failed: {src.instance_id}: {type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _mark(rec: MigrationRecord, phase: str | None = None) -> None:

@@ -389,3 +389,42 @@ def test_migration_under_tetris_speculative_decoding(tetris_server, reference, t
     status = wait_idle_client(tetris_server)
     accepted = sum(int(i.get("spec_decode", {}).get("accepted", 0)) for i in status["instances"])
     assert accepted > 0  # speculation really ran on both sides of the migrations
+
+
+@pytest.fixture(scope="module")
+def balancing_server(target_model):
+    """Automatic balancing on, with thresholds a burst on one instance crosses: a decode
+    instance is a source below 20 free blocks per running request, a destination above 40."""
+    args = [a for a in ENGINE_ARGS]
+    args[args.index("--kv-cache-gib") + 1] = "0.02"  # ~160 blocks of 32 tokens per instance
+    yield from run_server(["--prefill", "1", "--decode", "2", "--model", target_model, *args,
+                           "--block-size", str(BLOCK), "--migration", "--migration-interval-s", "0.1",
+                           "--migrate-out-threshold", "20", "--migrate-in-threshold", "40"])
+
+
+def test_balancer_moves_a_burst_off_one_instance(balancing_server, reference, tokenizer):
+    """A burst lands on decode-0 (decode-1 is drained while it arrives, then rejoins, as after
+    a scale-out); the freeness pairing moves requests to decode-1; all outputs stay exact."""
+    prompts = [corpus_token_ids(tokenizer, 60 + 10 * i, offset=7000 + 89 * i) for i in range(8)]
+    max_tokens = [360] * 8
+    expected = reference(prompts, max_tokens)
+
+    async def scenario():
+        client = AsyncClient(balancing_server.address, timeout=300)
+        try:
+            await client.drain("decode-1", timeout_s=5)
+            streams = [Stream(client, f"burst-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            for s in streams:
+                await s.reach(5)
+            await client.drain("decode-1", cancel=True)
+            await asyncio.gather(*(s.task for s in streams))
+            return streams
+        finally:
+            await client.close()
+
+    streams = run(scenario())
+    check_equal(streams, expected)
+    moved = [s for s in streams if list(s.final.served_by)[-1] == "decode-1"]
+    assert moved, [list(s.final.served_by) for s in streams]
+    status = wait_idle_client(balancing_server)
+    assert int(status["migrations"]["committed"]) >= len(moved)
