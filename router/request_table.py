@@ -42,6 +42,8 @@ class RequestState:
     migration: object | None = None
     # Set by the stream when the source's "migrated" delta arrived (all its tokens are in).
     migration_stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # The balancer leaves the request alone until then (its last migration was refused).
+    migration_backoff_until: float = 0.0
     # A committed migration waiting for the destination's first token (its downtime).
     resumed_migration: object | None = None
 

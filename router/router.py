@@ -595,7 +595,8 @@ class Router:
             candidates = []
             for request_id in src.in_flight:
                 state = self.table.get(request_id)
-                if state is None or state.phase != "decode" or state.migration is not None or state.finished:
+                if (state is None or state.phase != "decode" or state.migration is not None or state.finished
+                        or state.migration_backoff_until > now):
                     continue
                 num_tokens = len(state.request.prompt_token_ids) + len(state.output_token_ids)
                 candidates.append(RequestView(request_id, src_id, blocks_for(num_tokens + 1, src.info.block_size),
@@ -610,7 +611,12 @@ class Router:
 
     async def _migrate_quietly(self, request_id: str, target: str, trigger: str) -> None:
         try:
-            await self.migrate(request_id, target, trigger=trigger)
+            rec = await self.migrate(request_id, target, trigger=trigger)
+            state = self.table.get(request_id)
+            if rec.state == MigrationState.ABORTED and state is not None:
+                # E.g. preempted on the source (no KV to move until it runs again) or no room:
+                # let a few pairing rounds pass before choosing it again.
+                state.migration_backoff_until = time.monotonic() + 5 * self.migration_config.interval_s
         except RequestError as exc:  # it finished, or the pair changed since the round
             log.debug("%s migration of %s skipped: %s", trigger, request_id, exc.message)
 
