@@ -220,12 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     suite = sub.add_parser("bench-suite", help="comparison studies (baseline vs new, same run)")
     studies = suite.add_subparsers(dest="study", required=True)
-    from cluster.benchmarks import STUDIES
+    from cluster.benchmarks import STUDIES, load_study
 
-    for name, module in STUDIES.items():
-        import importlib
-
-        importlib.import_module(module).add_args(studies.add_parser(name))
+    for name in STUDIES:
+        load_study(name).add_args(studies.add_parser(name))
 
     demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
     demo.add_argument("--colocated", type=int, default=0,
@@ -463,11 +461,9 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_suite(args) -> int:
-    import importlib
+    from cluster.benchmarks import load_study
 
-    from cluster.benchmarks import STUDIES
-
-    return importlib.import_module(STUDIES[args.study]).main(args)
+    return load_study(args.study).main(args)
 
 
 def cmd_demo(args) -> int:

@@ -674,6 +674,9 @@ RANDOM_PRESETS: dict[str, RandomPreset] = {
     # Llama-3.2-1B's shape, with the demo tokenizer's small vocabulary.
     "llama-1b": RandomPreset(2048, 16, 32, 8, 8192, 8192, 500000.0, True, "bfloat16"),
     "tiny": RandomPreset(128, 2, 4, 2, 344, 1024, 10000.0, False, "float32"),
+    # Long-context KV at cheap compute (migration benchmarks): 8192 positions, 64 KiB of KV
+    # per token (16 layers x 8 KV heads x 64 dims x K,V x 4 bytes), ~45M parameters.
+    "kv-heavy": RandomPreset(512, 16, 8, 8, 1024, 8192, 10000.0, False, "float32"),
 }
 _RANDOM_VERSION = "1"
 

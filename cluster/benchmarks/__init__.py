@@ -1,9 +1,23 @@
 """Comparison studies: each runs a baseline and the new thing in the same run, prints the
-ratio, and writes JSON and a PNG plot. Run with `disagg-serve bench-suite NAME`."""
+ratio, and writes JSON and a PNG plot. Run with `disagg-serve bench-suite NAME`.
+
+A study is a module with add_args(parser) and main(args), or "module:NAME" where NAME is an
+object of that module with those two (one module holding several studies)."""
 
 STUDIES = {
     "grpc-overhead": "cluster.benchmarks.grpc_overhead",
     "kv-transport": "cluster.benchmarks.kv_transport",
     "disagg-vs-colocated": "cluster.benchmarks.disagg_vs_colocated",
     "tetris": "cluster.benchmarks.tetris",
+    "migration-downtime": "cluster.benchmarks.migration:DOWNTIME",
+    "migration-skew": "cluster.benchmarks.migration:SKEW",
 }
+
+
+def load_study(name: str):
+    """The object with add_args and main for study `name`."""
+    import importlib
+
+    module, _, attr = STUDIES[name].partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attr) if attr else loaded
