@@ -199,6 +199,8 @@ class MigrationCoordinator:
         while not state.migration_stopped.is_set():
             if state.engine_request_id != engine_id:
                 raise MigrationAborted("source_failed: the request was replayed while it stopped")
+            if state.finished:
+                raise MigrationAborted("finished: a stop string ended the request as it stopped")
             if time.monotonic() > deadline:
                 raise MigrationAborted("timeout: the source's last tokens never arrived")
             try:

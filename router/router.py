@@ -313,16 +313,13 @@ class Router:
                     continue  # a stale report about an attempt already replaced
                 await self._place_resilient(state, delta.error or "instance died")
                 continue
-            if delta.finish_reason == "migrated":
-                if state.migration is not None and delta.request_id == state.engine_request_id:
-                    state.migration_stopped.set()  # the coordinator commits on the destination
-                else:  # stopped with nobody to resume it (should not happen): replay
-                    await self._place_resilient(state, "stopped for a migration that is gone")
-                continue
+            # Stopped for a migration: the tokens of its last steps (coalesced into this delta)
+            # still go to the client; then the coordinator resumes it on the destination.
+            migrated = delta.finish_reason == "migrated"
             self._observe_tokens(state, delta.token_ids, time.monotonic())
             # A prefill that ran to its one-token limit is not the end of the request.
             hand_off = (state.phase == "prefill" and delta.finished and delta.finish_reason == "length")
-            final = delta.finished and not hand_off
+            final = delta.finished and not hand_off and not migrated
             text = detok.push(delta.token_ids)
             if final:
                 text += detok.flush()
@@ -339,6 +336,11 @@ class Router:
                 yield chunk
             if chunk.finished:
                 return
+            if migrated:
+                if state.migration is not None and delta.request_id == state.engine_request_id:
+                    state.migration_stopped.set()  # the coordinator commits on the destination
+                else:  # stopped with nobody to resume it (a lost reply): replay
+                    await self._place_resilient(state, "stopped for a migration that is gone")
             if hand_off:
                 try:
                     await self._handoff(state)

@@ -34,6 +34,8 @@ from cluster.benchmarks.common import corpus_prompts, write_results
 from cluster.config import EngineConfig, MigrationConfig, PoolConfig, RouterConfig, ServeConfig
 
 MODES = ("live", "stop_copy", "recompute")
+# The downtime's parts as the router times them (MigrationRecord.phases_s), in order.
+PHASES = ("stop", "catch_up", "tail", "commit", "first_token")
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 DOWNTIME_GOALS = {"flatness_max": 1.3, "stop_copy_over_live_min": 10.0}
@@ -113,6 +115,7 @@ def summarize_downtime(trials: list[dict], modes=MODES) -> dict:
             row[f"{mode}_trials"] = len(ts)
             row[f"{mode}_blocks_copied"] = _median(t["blocks_copied"] for t in ok)
             row[f"{mode}_stages"] = _median(t["stages"] for t in ok)
+            row[f"{mode}_phases_ms"] = {ph: _median(t.get("phases_ms", {}).get(ph) for t in ok) for ph in PHASES}
         row["median_itl_ms"] = _median(t["client_median_itl_ms"] for t in trials if t["length"] == length)
         row["live_over_itl"] = _ratio(row.get("live_ms"), row["median_itl_ms"])
         for mode in modes[1:]:
@@ -165,6 +168,23 @@ def format_downtime_table(summary: dict, modes=MODES) -> str:
     eq = summary.get("equal", {})
     lines.append("outputs equal to the unmigrated run: " + ", ".join(
         f"{m} {eq[m]['equal']}/{eq[m]['compared']}" for m in modes if m in eq))
+    return "\n".join(lines)
+
+
+def format_phase_table(summary: dict, modes=MODES) -> str:
+    """Median downtime parts (ms) per length and mode: the stop call (it waits for the source's
+    step in flight), the stream catching up with the source, the tail copy, the commit call,
+    and the destination's first token after the commit. Their sum is the downtime less the
+    time from the source's last token to the stop call."""
+    head = f"{'L':>5} {'mode':>9} " + " ".join(f"{p:>11}" for p in PHASES) + f" {'downtime':>9}"
+    lines = [head, "-" * len(head)]
+    for r in summary["rows"]:
+        for m in modes:
+            phases = r.get(f"{m}_phases_ms") or {}
+            if not any(v is not None for v in phases.values()):
+                continue
+            lines.append(f"{r['length']:>5} {m:>9} " + " ".join(f"{_cell(phases.get(p)):>11}" for p in PHASES)
+                         + f" {_cell(r.get(f'{m}_ms')):>9}")
     return "\n".join(lines)
 
 
@@ -371,13 +391,14 @@ async def _downtime_trial(cluster, client, prompt, args, request_id: str, mode: 
         except RequestError as exc:
             d = {"state": "refused", "reason": f"{exc.code.name}: {exc.message}", "downtime_s": None,
                  "stages": 0, "blocks_copied": 0, "tokens_moved": 0, "duration_s": None,
-                 "source": None, "target": None}
+                 "source": None, "target": None, "phases_s": {}}
         t_back = time.perf_counter() - s.t0
         window = (t_call, t_back + 0.25)
         trial.update(state=d["state"], reason=d["reason"], source=d["source"], target=d["target"],
                      stages=d["stages"], blocks_copied=d["blocks_copied"], tokens_moved=d["tokens_moved"],
                      downtime_ms=None if d["downtime_s"] is None else d["downtime_s"] * 1000,
                      migration_s=d["duration_s"], migrate_call_s=t_back - t_call,
+                     phases_ms={k: v * 1000 for k, v in d.get("phases_s", {}).items()},
                      tokens_before=len(s.tokens))
     await s.task
     r = s.record
@@ -520,6 +541,9 @@ def downtime_main(args) -> int:
     path = write_results(args.out, args.name, results)
     plot_downtime(results, path.with_suffix(".png"))
     print(format_downtime_table(results["summary"], modes))
+    print()
+    print("downtime by phase (median ms):")
+    print(format_phase_table(results["summary"], modes))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
 
@@ -616,6 +640,10 @@ async def _skew_burst(router, client, label: str, rep: int, prompts, priorities,
             "decode0_kv_usage_at_placement": at_placement}
 
 
+def _slim(request: dict) -> dict:
+    return {k: v for k, v in request.items() if k not in ("chunk_times", "chunk_tokens")}
+
+
 def _sum(values):
     values = list(values)
     return None if any(v is None for v in values) else sum(values)
@@ -655,8 +683,11 @@ async def _skew_once(label: str, rep: int, model: str, args, migration: Migratio
     return b
 
 
-def aggregate_skew(label: str, bursts: list[dict], priorities, migration: MigrationConfig) -> dict:
-    """One run's bursts pooled: percentiles over every request, counts summed."""
+def aggregate_skew(label: str, bursts: list[dict], priorities, migration: MigrationConfig,
+                   high_indices: set[int] = frozenset()) -> dict:
+    """One run's bursts pooled: percentiles over every request, counts summed. `high_indices`:
+    the burst positions that are high-priority in the priority run (their latencies in this
+    run too, for comparison). Saved requests keep their latencies, not every token's time."""
     records = [r for b in bursts for r in b["records"]]
     high = [r for r in records if priorities[r.index] > 0]
     normal = [r for r in records if priorities[r.index] <= 0]
@@ -677,8 +708,10 @@ def aggregate_skew(label: str, bursts: list[dict], priorities, migration: Migrat
                                                                      "high_priority_headroom_blocks",
                                                                      "migrate_out_threshold", "migrate_in_threshold")},
            "bursts": [{k: v for k, v in b.items() if k != "records"} | latency_stats(b["records"]) for b in bursts],
-           "requests": [r.to_dict() | {"priority": priorities[r.index], "repeat": b["repeat"]}
+           "requests": [_slim(r.to_dict()) | {"priority": priorities[r.index], "repeat": b["repeat"]}
                         for b in bursts for r in b["records"]]}
+    if high_indices:
+        out["high_priority_positions"] = latency_stats([r for r in records if r.index in high_indices])
     if high:
         out["high_priority"] = latency_stats(high)
         out["normal_priority"] = latency_stats(normal)
@@ -691,19 +724,7 @@ def format_priority_table(results: dict) -> str:
         return ""
     hi, lo = pr["high_priority"], pr["normal_priority"]
     on = results["runs"].get("on")
-    idx = {r["index"] for r in pr["requests"] if r["priority"] > 0}
-    same_in_on = None
-    if on:
-        from cluster.bench import RequestRecord
-
-        recs = []
-        for r in on["requests"]:
-            if r["index"] in idx:
-                rec = RequestRecord(r["index"], r["target_input_len"], r["target_output_len"])
-                for k in ("status", "send_s", "end_s", "chunk_times", "chunk_tokens", "output_tokens", "served_by"):
-                    setattr(rec, k, r[k])
-                recs.append(rec)
-        same_in_on = latency_stats(recs)
+    same_in_on = on.get("high_priority_positions") if on else None
     results["priority_comparison"] = {"high": hi, "normal": lo, "same_requests_in_on_run": same_in_on}
     lines = [f"{'priority run':<28}{'p50 TPOT':>10}{'p99 TPOT':>10}{'p99 E2E':>10}{'migrated':>9}"]
     for name, s in (("high priority (1)", hi), ("normal priority (0)", lo),
@@ -790,7 +811,7 @@ def skew_main(args) -> int:
         for label in wanted:
             bursts[label].append(asyncio.run(_skew_once(label, rep, model, args, setups[label][0], prompts,
                                                         setups[label][1], kv_gib)))
-    runs = {label: aggregate_skew(label, bursts[label], setups[label][1], setups[label][0]) for label in wanted}
+    runs = {label: aggregate_skew(label, bursts[label], setups[label][1], setups[label][0], high) for label in wanted}
     results = {"study": "migration-skew",
                "config": vars(args) | {"kv_bytes_per_token": bpt, "kv_cache_gib": kv_gib,
                                        "high_priority_indices": sorted(high)},

@@ -67,9 +67,10 @@ def test_stream_gaps_without_a_window_is_plain_itl():
 
 
 def _trial(length, mode, downtime, equal=True, state="committed", itl=10.0):
+    phases = {} if downtime is None else {"stop": downtime / 2, "first_token": downtime / 4}
     return {"length": length, "mode": mode, "state": state, "downtime_ms": downtime,
             "client_max_gap_ms": downtime, "client_median_itl_ms": itl, "blocks_copied": 1, "stages": 1,
-            "equal": equal}
+            "equal": equal, "phases_ms": phases}
 
 
 def test_downtime_summary_medians_ratios_and_goals():
@@ -91,6 +92,9 @@ def test_downtime_summary_medians_ratios_and_goals():
     assert s["equal"]["live"] == {"equal": 5, "compared": 5}  # aborted trials are compared too
     text = mb.format_downtime_table(s)
     assert "flatness live(4096)/live(256) = 1.00" in text and "NOT met" not in text
+    assert first["live_phases_ms"]["stop"] == 6 and first["live_phases_ms"]["tail"] is None
+    phases = mb.format_phase_table(s).splitlines()
+    assert phases[0].split()[:3] == ["L", "mode", "stop"] and len(phases) == 2 + 6
 
 
 def test_downtime_goals_not_met_are_said_so():
@@ -149,7 +153,7 @@ def test_aggregate_skew_pools_bursts_and_splits_priorities():
 
     priorities = [0, 1, 0, 0]
     run = mb.aggregate_skew("priority", [burst(0, 0.01, 2, 0), burst(1, 0.03, 3, None)], priorities,
-                            MigrationConfig(high_priority_headroom_blocks=8))
+                            MigrationConfig(high_priority_headroom_blocks=8), high_indices={1})
     assert run["completed"] == 8 and run["migrations_committed"] == 5
     assert run["aborted_by_reason"] == {"preempted": 2}
     assert run["preemptions"] is None  # one burst could not observe them: no made-up total
@@ -158,3 +162,5 @@ def test_aggregate_skew_pools_bursts_and_splits_priorities():
     assert run["high_priority"]["completed"] == 2 and run["normal_priority"]["completed"] == 6
     assert run["migration_config"]["high_priority_headroom_blocks"] == 8
     assert [r["repeat"] for r in run["requests"]] == [0] * 4 + [1] * 4
+    assert run["high_priority_positions"]["completed"] == 2
+    assert "chunk_times" not in run["requests"][0] and run["requests"][0]["tpot_ms"] is not None
