@@ -110,10 +110,8 @@ class KVTransferAgent:
     # ---- producer ----
     def hold(self, transfer_id: str, internal_id: str, block_ids: list[int], num_tokens: int) -> None:
         """Called when a prefill request finishes: keep its blocks until released."""
-        needed = blocks_for_tokens(num_tokens, self.block_size)
-        with self._lock:
-            self._holds[transfer_id] = _Hold(internal_id, list(block_ids[:needed]), num_tokens,
-                                             time.monotonic() + self.hold_timeout_s)
+        self.hold_blocks(transfer_id, internal_id, block_ids[:blocks_for_tokens(num_tokens, self.block_size)],
+                         num_tokens)
 
     def hold_view(self, transfer_id: str, internal_id: str, block_ids: list[int], num_tokens: int) -> None:
         """Exposes blocks of a request that keeps running (a migration stage) for one pull."""

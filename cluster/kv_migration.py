@@ -20,6 +20,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cluster.kv_layout import blocks_for_tokens
+
 log = logging.getLogger(__name__)
 
 
@@ -99,7 +101,7 @@ class MigrationLedger:
             res = self._reservations.get(migration_id)
             if res is None:
                 raise KeyError(f"no reservation for migration {migration_id}")
-            needed = -(-num_tokens // block_size)
+            needed = blocks_for_tokens(num_tokens, block_size)
             if needed > len(res.blocks):
                 raise RuntimeError(f"migration {migration_id}: {num_tokens} tokens need {needed} "
                                    f"blocks, {len(res.blocks)} reserved")

@@ -15,6 +15,7 @@ Live migration (the router's coordinator, router/migration.py, drives these step
 
 from __future__ import annotations
 
+from cluster.kv_layout import blocks_for_tokens
 from cluster.kv_transport import SourceRef
 from cluster.protocol import EngineRequest
 from cluster.worker import EngineWorker, KVWorkerMixin
@@ -101,7 +102,7 @@ class DecodeWorker(KVWorkerMixin, EngineWorker):
             transfer_id = tail_transfer_id(migration_id)
             self.agent.migrations.mark_stopping(loop.internal_id(request_id), transfer_id, from_block)
             loop.end_request(request_id, "migrated")
-            tail = max(0, -(-progress.num_computed_tokens // self.agent.block_size) - from_block)
+            tail = max(0, blocks_for_tokens(progress.num_computed_tokens, self.agent.block_size) - from_block)
             return {"status": "stopped", "transfer_id": transfer_id, "num_blocks": tail,
                     "num_computed_tokens": progress.num_computed_tokens, "num_tokens": progress.num_tokens}
 
@@ -135,13 +136,12 @@ class DecodeWorker(KVWorkerMixin, EngineWorker):
         """Copies the source's hold `transfer_id` into reserved blocks [first_block,
         first_block + num_blocks). Runs beside the engine: nothing but us uses those blocks."""
         ids = self.agent.migrations.block_ids(migration_id)
-        if ids is None or first_block + num_blocks > len(ids):
-            self.agent.release_source(SourceRef(source_id, source, source_node), transfer_id)
-            raise RuntimeError(f"migration {migration_id}: blocks {first_block}+{num_blocks} not reserved")
         ref = SourceRef(source_id, source, source_node)
-        if num_blocks == 0:
-            self.agent.release_source(ref, transfer_id)
-            return 0
+        if num_blocks == 0 or ids is None or first_block + num_blocks > len(ids):
+            self.agent.release_source(ref, transfer_id)  # nothing to copy, or nowhere to put it
+            if num_blocks == 0:
+                return 0
+            raise RuntimeError(f"migration {migration_id}: blocks {first_block}+{num_blocks} not reserved")
         return self.agent.pull(ref, transfer_id, ids[first_block:first_block + num_blocks], timeout_s)
 
     def migrate_in_commit(self, migration_id: str, request: EngineRequest, num_tokens: int) -> None:

@@ -25,7 +25,9 @@ import logging
 import time
 
 from cluster.config import MigrationConfig
+from cluster.kv_layout import blocks_for_tokens
 from cluster.protocol import EngineRequest, TokenDelta
+from router.instances import InstanceState
 from router.migration_types import MigrationRecord, MigrationState
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,6 @@ def advance(rec: MigrationRecord, new: MigrationState) -> None:
     rec.state = new
     if new.done:
         rec.finished_at = time.monotonic()
-
-
-def blocks_for(num_tokens: int, block_size: int) -> int:
-    return -(-num_tokens // block_size)
 
 
 class MigrationCoordinator:
@@ -118,7 +116,7 @@ class MigrationCoordinator:
                 if out["num_blocks"] <= self.config.stop_copy_blocks:
                     break
             # Room for the tail too, before the request stops: the stop must not outrun memory.
-            await self._reserve(dst, rec, blocks_for(last["num_computed_tokens"], block_size) + 1)
+            await self._reserve(dst, rec, blocks_for_tokens(last["num_computed_tokens"], block_size) + 1)
         elif mode == "stop_copy":
             advance(rec, MigrationState.STOPPING)
             self._check_source(state, src, engine_id)
@@ -149,7 +147,7 @@ class MigrationCoordinator:
             num_tokens = 0
             self.router._fire(src.actor.kv_release.remote(stop["transfer_id"]))
         else:
-            await self._reserve(dst, rec, blocks_for(num_tokens, src.info.block_size))
+            await self._reserve(dst, rec, blocks_for_tokens(num_tokens, src.info.block_size))
             await call(dst.actor.migrate_in_pull.remote(
                 rec.migration_id, src.instance_id, src.actor, src.info.node_id, stop["transfer_id"],
                 staged, stop["num_blocks"], self.config.timeout_s))
@@ -223,14 +221,14 @@ class MigrationCoordinator:
         rec.reason = reason
         if rec.state != MigrationState.ABORTED:
             advance(rec, MigrationState.ABORTED)
-        if dst.state.value != "dead":
+        if dst.state != InstanceState.DEAD:
             self.router._fire(dst.actor.migrate_in_cancel.remote(rec.migration_id))
-        if src.state.value != "dead":
+        if src.state != InstanceState.DEAD:
             self.router._fire(src.actor.migrate_out_cancel.remote(rec.migration_id))
         state.resumed_migration = None
         if not stopped:
             return  # the request never stopped on the source: it simply stays there
-        if src.state.value != "dead":
+        if src.state != InstanceState.DEAD:
             from decode_worker.worker import tail_transfer_id
 
             self.router._fire(src.actor.kv_release.remote(tail_transfer_id(rec.migration_id)))
@@ -250,12 +248,12 @@ class MigrationCoordinator:
             raise MigrationAborted("finished: the request finished on the source")
         if state.engine_request_id != engine_id or state.instance_id != src.instance_id:
             raise MigrationAborted("source_failed: the request left the source (replayed)")
-        if src.state.value == "dead":
+        if src.state == InstanceState.DEAD:
             raise MigrationAborted(f"source_failed: {src.instance_id} died")
 
     @staticmethod
     def _source_gone(state, src, engine_id: str) -> bool:
-        return src.state.value == "dead" or state.engine_request_id != engine_id
+        return src.state == InstanceState.DEAD or state.engine_request_id != engine_id
 
     @staticmethod
     def _not_running(status: str) -> str:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.config import MigrationConfig, RouterConfig
+from cluster.kv_layout import blocks_for_tokens
 from cluster.protocol import EngineRequest, TokenDelta
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.dispatcher import Candidate, fewest_queued_prompt_tokens, freest, least_loaded
@@ -34,7 +35,7 @@ from router.freeness import (
 )
 from router.instances import Instance, InstanceState
 from router.metrics import RouterMetrics
-from router.migration import MODES, MigrationCoordinator, blocks_for
+from router.migration import MODES, MigrationCoordinator
 from router.migration_types import DrainResult, MigrationRecord, MigrationState, MigrationStats
 from router.request_table import RequestState, RequestTable
 from router.validation import ValidatedRequest
@@ -249,15 +250,9 @@ class Router:
         after virtual usage (head-of-line waiting request, high-priority headroom, draining)."""
         ready = self.ready("decode")
         if ready and all(i.load is not None for i in ready):
-            block = ready[0].info.block_size
-            views = [InstanceView(
-                instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
-                num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
-                num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
-                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING,
-                high_priority_running=self._high_priority_count(i))
-                for i in ready]
-            chosen = pick_dispatch(views, self.freeness, -(-num_tokens // block), priority)
+            views = [self._decode_view(i) for i in ready]
+            chosen = pick_dispatch(views, self.freeness, blocks_for_tokens(num_tokens, ready[0].info.block_size),
+                                   priority)
             if chosen is not None:
                 return self.instances[chosen]
         # Nothing fits right now (or no load seen yet): the freest by plain free blocks; the
@@ -485,7 +480,7 @@ class Router:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"request {state.request_id!r} already runs on {target!r}")
             return dst
-        needed = blocks_for(len(state.request.prompt_token_ids) + len(state.output_token_ids) + 1,
+        needed = blocks_for_tokens(len(state.request.prompt_token_ids) + len(state.output_token_ids) + 1,
                             src.info.block_size)
         views = [v for v in self._decode_views() if v.instance_id != src.instance_id]
         # Prefer an instance free to take it now; else name the busy one (refused just below).
@@ -564,18 +559,18 @@ class Router:
                 n += 1
         return n
 
+    def _decode_view(self, i: Instance) -> InstanceView:
+        """The freeness policy's view of a decode instance with a load report."""
+        return InstanceView(
+            instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
+            num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
+            num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
+            head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING,
+            high_priority_running=self._high_priority_count(i), migrating=i.migrating is not None)
+
     def _decode_views(self) -> list[InstanceView]:
-        views = []
-        for i in self.instances.values():
-            if i.role != "decode" or not i.serving or i.load is None:
-                continue
-            views.append(InstanceView(
-                instance_id=i.instance_id, num_total_blocks=i.load.num_total_blocks,
-                num_free_blocks=min(i.load.num_free_blocks, i.load.num_total_blocks),
-                num_running=max(i.load.num_running, len(i.in_flight)), num_waiting=i.load.num_waiting,
-                head_waiting_blocks=i.load.head_waiting_blocks, draining=i.state == InstanceState.DRAINING,
-                high_priority_running=self._high_priority_count(i), migrating=i.migrating is not None))
-        return views
+        return [self._decode_view(i) for i in self.instances.values()
+                if i.role == "decode" and i.serving and i.load is not None]
 
     async def _balance_loop(self) -> None:
         """Llumnix's periodic pairing: the most loaded decode instances give a request each to
@@ -601,7 +596,7 @@ class Router:
                         or state.migration_backoff_until > now):
                     continue
                 num_tokens = len(state.request.prompt_token_ids) + len(state.output_token_ids)
-                candidates.append(RequestView(request_id, src_id, blocks_for(num_tokens + 1, src.info.block_size),
+                candidates.append(RequestView(request_id, src_id, blocks_for_tokens(num_tokens + 1, src.info.block_size),
                                               num_tokens, state.request.priority, now - state.arrival))
             chosen = select_request(candidates, self.freeness, available_blocks(views[dst_id], self.freeness),
                                     source_draining=views[src_id].draining)

@@ -254,32 +254,39 @@ def test_drain_moves_everything_and_requests_complete(migration_server, referenc
     assert instances(after)["decode-0"]["state"] == "ready"
 
 
-def test_destination_dies_mid_migration(migration_server, reference, tokenizer):
-    """Kill the destination while the migration runs: the request goes on (on the source, or
-    replayed if the source had already stopped it) and completes exactly."""
-    prompts = [corpus_token_ids(tokenizer, 200, offset=3000)]
-    expected = reference(prompts, [500])
+def migrate_and_kill(server, request_id: str, prompt, max_tokens: int, victim: str):
+    """Streams a request, starts migrating it to the other decode instance and SIGKILLs the
+    `victim` ("source" or "target") a moment later. The finished Stream and migration."""
 
     async def scenario():
-        client = AsyncClient(migration_server.address, timeout=300)
+        client = AsyncClient(server.address, timeout=300)
         try:
-            s = Stream(client, "dst-dies", prompts[0], 500)
+            s = Stream(client, request_id, prompt, max_tokens)
             await s.reach(20)
             status = instances(status_to_dict(await client.cluster_status()))
             running_on = [k for k, v in status.items()
                           if v["role"] == "decode" and int(v.get("load", {}).get("num_running", 0)) > 0]
             assert len(running_on) == 1, status
-            target = "decode-1" if running_on[0] == "decode-0" else "decode-0"
-            migration = asyncio.ensure_future(client.migrate("dst-dies", target))
+            source = running_on[0]
+            target = "decode-1" if source == "decode-0" else "decode-0"
+            migration = asyncio.ensure_future(client.migrate(request_id, target))
             await asyncio.sleep(0.005)
-            os.kill(int(status[target]["pid"]), signal.SIGKILL)
+            os.kill(int(status[target if victim == "target" else source]["pid"]), signal.SIGKILL)
             result = await migration
             await s.task
             return s, result
         finally:
             await client.close()
 
-    s, result = run(scenario())
+    return run(scenario())
+
+
+def test_destination_dies_mid_migration(migration_server, reference, tokenizer):
+    """Kill the destination while the migration runs: the request goes on (on the source, or
+    replayed if the source had already stopped it) and completes exactly."""
+    prompts = [corpus_token_ids(tokenizer, 200, offset=3000)]
+    expected = reference(prompts, [500])
+    s, result = migrate_and_kill(migration_server, "dst-dies", prompts[0], 500, victim="target")
     check_equal([s], expected)
     # Usually it aborts; if the commit won the race the request was replayed after the death.
     assert result["state"] in ("aborted", "committed"), result
@@ -291,34 +298,13 @@ def test_source_dies_mid_migration(migration_server, reference, tokenizer):
     reservation is freed (cancelled, or expired)."""
     prompts = [corpus_token_ids(tokenizer, 250, offset=4000)]
     expected = reference(prompts, [500])
-
-    async def scenario():
-        client = AsyncClient(migration_server.address, timeout=300)
-        try:
-            s = Stream(client, "src-dies", prompts[0], 500)
-            await s.reach(20)
-            status = instances(status_to_dict(await client.cluster_status()))
-            source = [k for k, v in status.items()
-                      if v["role"] == "decode" and int(v.get("load", {}).get("num_running", 0)) > 0][0]
-            target = "decode-1" if source == "decode-0" else "decode-0"
-            migration = asyncio.ensure_future(client.migrate("src-dies", target))
-            await asyncio.sleep(0.005)
-            os.kill(int(status[source]["pid"]), signal.SIGKILL)
-            result = await migration
-            await s.task
-            return s, result
-        finally:
-            await client.close()
-
-    s, result = run(scenario())
+    s, result = migrate_and_kill(migration_server, "src-dies", prompts[0], 500, victim="source")
     check_equal([s], expected)
     assert result["state"] in ("aborted", "committed"), result
     wait_respawned_and_idle(migration_server)
 
 
 def wait_respawned_and_idle(server) -> dict:
-    import time
-
     from cluster.client import Client
 
     with Client(server.address, timeout=60) as c:

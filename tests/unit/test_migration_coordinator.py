@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import pytest
 
 from cluster.config import MigrationConfig, RouterConfig
+from cluster.kv_layout import blocks_for_tokens as blocks_for
 from cluster.protocol import EngineRequest, InstanceInfo, Sampling, TokenDelta
 from decode_worker.migration_adapter import RequestProgress
 from decode_worker.worker import DecodeWorker, stage_transfer_id, tail_transfer_id
 from router.instances import Instance, InstanceState
-from router.migration import MigrationCoordinator, advance, blocks_for
+from router.migration import MigrationCoordinator, advance
 from router.migration_types import MigrationRecord, MigrationState
 from router.request_table import RequestState, RequestTable
 from router.router import Router
