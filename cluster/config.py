@@ -52,6 +52,11 @@ class EngineConfig:
         return kwargs
 
 
+# KV transports by name (cluster/kv/transports/); see TransferConfig.transport.
+KV_TRANSPORTS = ("auto", "shm", "ray", "nccl")
+KV_FAILURE_POLICIES = ("recompute", "fail")
+
+
 @dataclass(frozen=True)
 class TransferConfig:
     """KV-cache transfer between instances (prefill -> decode, and later decode -> decode)."""
@@ -68,9 +73,9 @@ class TransferConfig:
     failure_policy: str = "recompute"
 
     def __post_init__(self):
-        if self.transport not in ("auto", "shm", "ray", "nccl"):
-            raise ValueError(f"unknown KV transport {self.transport!r}: choose auto, shm, ray or nccl")
-        if self.failure_policy not in ("recompute", "fail"):
+        if self.transport not in KV_TRANSPORTS:
+            raise ValueError(f"unknown KV transport {self.transport!r}: choose one of {', '.join(KV_TRANSPORTS)}")
+        if self.failure_policy not in KV_FAILURE_POLICIES:
             raise ValueError(f"unknown transfer failure policy {self.failure_policy!r}: recompute or fail")
 
 
@@ -93,6 +98,11 @@ class SpecConfig:
     @property
     def enabled(self) -> bool:
         return self.draft_model is not None
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        """Drafts proposed per request and step (vLLM's num_speculative_tokens): k + e."""
+        return self.k + self.extra
 
     def __post_init__(self):
         if self.k < 1 or self.extra < 0:
@@ -148,6 +158,63 @@ class RouterConfig:
     instance_wait_s: float = 120.0
 
 
+SELECTION_POLICIES = ("last", "shortest", "longest")
+
+
+@dataclass(frozen=True)
+class FreenessConfig:
+    """Thresholds of the freeness policy (router/freeness.py). Freeness is in KV blocks per
+    running request."""
+
+    high_priority_headroom_blocks: int = 0
+    """Blocks reserved on *every* instance for high-priority requests, whether or not one runs
+    there now: the room must exist before a high-priority request arrives, or normal requests
+    would already have filled it. Normal-priority requests and the migration pairing see
+    ``free - headroom``; high-priority requests see all free blocks. An instance whose normal
+    load eats into the headroom gets a negative freeness and becomes a migration source, which
+    restores the headroom. 0 (the default) turns the reservation off."""
+
+    high_priority_threshold: int = 1
+    """A request is high-priority when its priority is >= this (0 is normal)."""
+
+    migrate_out_threshold: float = 2.0
+    """An instance is a migration source when its freeness is below this: its running requests
+    have fewer than two free blocks each left to grow into (after virtual usage). Draining
+    instances with running requests are sources whatever their freeness."""
+
+    migrate_in_threshold: float = 8.0
+    """An instance is a migration destination when its freeness is above this. Must be >=
+    ``migrate_out_threshold``; the gap between the two keeps a moved request from bouncing
+    back."""
+
+    max_pairs_per_round: int = 4
+    """At most this many (source, destination) pairs per pairing round."""
+
+    selection: str = "last"
+    """Which request a source gives up: "last" (the most recently arrived, which has the fewest
+    blocks to copy, like Llumnix's LCR), "shortest" (fewest blocks), "longest" (most blocks:
+    frees the most room in one move)."""
+
+    running_floor: int = 1
+    """The freeness denominator is ``max(num_running, running_floor)``: never zero, and equal to
+    the running count on a busy instance."""
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTION_POLICIES:
+            raise ValueError(
+                f"selection must be one of {SELECTION_POLICIES}, got {self.selection!r}")
+        if self.running_floor < 1:
+            raise ValueError(f"running_floor must be >= 1, got {self.running_floor}")
+        if self.high_priority_headroom_blocks < 0:
+            raise ValueError("high_priority_headroom_blocks must be >= 0")
+        if self.max_pairs_per_round < 0:
+            raise ValueError("max_pairs_per_round must be >= 0")
+        if self.migrate_in_threshold < self.migrate_out_threshold:
+            raise ValueError(
+                f"migrate_in_threshold ({self.migrate_in_threshold}) must be >= "
+                f"migrate_out_threshold ({self.migrate_out_threshold})")
+
+
 @dataclass(frozen=True)
 class MigrationConfig:
     """Live migration of running requests between decode instances (Llumnix) and the freeness
@@ -189,9 +256,7 @@ class MigrationConfig:
                              "reserve_watermark_blocks >= 0")
         self.freeness()  # validates the policy fields
 
-    def freeness(self):
-        from router.freeness import FreenessConfig
-
+    def freeness(self) -> FreenessConfig:
         return FreenessConfig(
             high_priority_headroom_blocks=self.high_priority_headroom_blocks,
             high_priority_threshold=self.high_priority_threshold,

@@ -30,7 +30,7 @@ class EngineRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: Sampling
     priority: int = 0
-    # Connector parameters (cluster/kv_connector.py), e.g. {"do_remote_decode": True, ...}.
+    # Connector parameters (cluster/kv/connector.py), e.g. {"do_remote_decode": True, ...}.
     kv_transfer: dict | None = None
 
 
@@ -101,3 +101,15 @@ class InstanceInfo:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     pid: int = 0
+
+
+# Live migration's transfer ids: the coordinator (router/migration.py) and the decode workers
+# must agree on them, so they are part of the protocol.
+def stage_transfer_id(migration_id: str, stage: int) -> str:
+    """The source's hold of one pre-copy stage's blocks."""
+    return f"{migration_id}#s{stage}"
+
+
+def tail_transfer_id(migration_id: str) -> str:
+    """The source's hold of the blocks left after the stop."""
+    return f"{migration_id}#tail"

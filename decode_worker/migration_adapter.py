@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cluster import vllm_adapter as va
+from cluster.engine import vllm_adapter as va
 
 
 @dataclass(frozen=True)

@@ -37,9 +37,9 @@ The adapter patches four *instance* attributes (never a class):
 ``check_vllm_internals()`` asserts every attribute, signature and source fact used here and
 names what moved.  See ``tests/unit/test_spec_adapter_pins.py``.
 
-``fix_cpu_expand_kernel()`` (called by ``install_tetris``) works around a vLLM 0.32.0 CPU bug
-that makes sampled (temperature > 0) verification read uninitialised temperatures; plain
-draft-model speculative decoding on CPU needs it too (see its docstring).
+``fix_cpu_expand_kernel()`` (``cluster/engine/vllm_cpu_fix.py``, called by ``install_tetris``
+and by every engine that speculates) works around a vLLM 0.32.0 CPU bug that makes sampled
+(temperature > 0) verification read uninitialised temperatures.
 
 Not covered (``install_tetris`` refuses them with a clear error): the multiprocess engine
 core, async scheduling (the GPU default with ``draft_model``: the worker then feeds its own
@@ -59,6 +59,8 @@ from typing import Any
 
 import numpy as np
 
+from cluster.engine.vllm_pin import PINNED_VLLM_VERSION, VllmInternalsError, check_vllm_version
+from cluster.engine.vllm_cpu_fix import cpu_fix_problems, fix_cpu_expand_kernel
 from decode_worker.tetris import TetrisConfig, plan
 
 __all__ = [
@@ -72,21 +74,12 @@ __all__ = [
     "install_tetris",
     "model_runner_of",
     "set_tetris_config",
-    "speculative_config",
     "uninstall_tetris",
 ]
-
-PINNED_VLLM_VERSION = "0.32.0"
 
 # sha256 of inspect.getsource(SpecDecodeBaseProposer._greedy_sample) in vLLM 0.32.0: the
 # adapter re-implements its default branch, so any edit to it must be reviewed.
 _GREEDY_SAMPLE_SHA256 = "e539abab1b225d277b31b48d90b95e45a7c38f3750080eb12d75ace9bcb174d8"
-
-# sha256 of inspect.getsource(vllm.utils.cpu_triton_utils._expand_kernel_impl) in vLLM 0.32.0:
-# the CPU fallback of the rejection sampler's expand kernel, which drops float outputs (see
-# fix_cpu_expand_kernel).  A new source means vLLM changed it: re-check whether the fix is
-# still needed.
-_CPU_EXPAND_SHA256 = "b0d7df291932f1c3d0818bcba211d3c9b2a701de070dc888ff659948763e9559"
 
 _STATE_ATTR = "_disagg_tetris_state"
 # (owner, vLLM attribute) -> the _TetrisState method that replaces it on the instance.
@@ -98,21 +91,7 @@ _PATCHED = {
 }
 
 
-class VllmInternalsError(RuntimeError):
-    """vLLM no longer looks the way this adapter was written against."""
-
-
 # --------------------------------------------------------------------------- pins
-
-
-def check_vllm_version() -> str:
-    import vllm
-
-    if vllm.__version__ != PINNED_VLLM_VERSION:
-        raise VllmInternalsError(
-            f"decode_worker.spec_adapter is pinned to vLLM {PINNED_VLLM_VERSION}, found "
-            f"{vllm.__version__}: re-check the seams listed in check_vllm_internals()")
-    return vllm.__version__
 
 
 def _params(fn) -> list[str]:
@@ -249,96 +228,12 @@ def check_vllm_internals() -> None:
          <= set(getattr(SpecDecodingStats, "__dataclass_fields__", {})),
          "SpecDecodingStats.num_drafts / num_draft_tokens / num_accepted_tokens")
 
-    # The CPU fallback of the rejection sampler's expand kernel (fix_cpu_expand_kernel).
-    try:
-        from vllm.utils import cpu_triton_utils as cpu_tl
-        from vllm.v1.sample import rejection_sampler
-    except ImportError as e:
-        problems.append(f"vllm.utils.cpu_triton_utils / rejection_sampler moved: {e}")
-    else:
-        impl = getattr(cpu_tl, "_expand_kernel_impl", None)
-        need(impl is _expand_kernel_impl_fixed or (
-            impl is not None
-            and hashlib.sha256(src(impl).encode()).hexdigest() == _CPU_EXPAND_SHA256),
-            "vllm.utils.cpu_triton_utils._expand_kernel_impl changed (fix_cpu_expand_kernel "
-            "replaces it: check whether vLLM fixed float outputs, then update or drop the fix)")
-        need(hasattr(rejection_sampler, "expand_kernel")
-             and "_expand(" in src(rejection_sampler.expand_batch_to_tokens),
-             "rejection_sampler.expand_kernel / expand_batch_to_tokens calling _expand(...)")
+    problems.extend(cpu_fix_problems())
 
     if problems:
         raise VllmInternalsError(
             "vLLM internals used by decode_worker/spec_adapter.py moved:\n  - "
             + "\n  - ".join(problems))
-
-
-# --------------------------------------------------------------------------- CPU fix
-
-
-_original_cpu_expand_impl = None  # vLLM's function, once fix_cpu_expand_kernel replaced it
-
-
-def _expand_kernel_impl_fixed(output, input_val, cu_num_tokens, replace_from, replace_to,
-                              MAX_NUM_TOKENS=None):
-    """``output[cu[i-1]:cu[i]] = input[i]`` (``replace_from`` -> ``replace_to``), any dtype.
-
-    Same signature as vLLM's ``cpu_triton_utils._expand_kernel_impl`` (so the kernel
-    dispatcher binds it the same way), written in torch.
-    """
-    import torch
-
-    cu = cu_num_tokens.to(torch.int64)
-    if cu.numel() == 0:
-        return
-    counts = torch.diff(cu, prepend=cu.new_zeros(1))
-    vals = torch.where(input_val == replace_from,
-                       torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
-    total = int(cu[-1])
-    output[:total] = torch.repeat_interleave(vals, counts, output_size=total).to(output.dtype)
-
-
-def fix_cpu_expand_kernel() -> bool:
-    """Work around a vLLM 0.32.0 CPU bug that breaks sampled speculative decoding.
-
-    Without Triton, vLLM routes the rejection sampler's ``expand_kernel`` to
-    ``cpu_triton_utils._expand_kernel_impl``, which hands the C++ op
-    ``output.to(torch.int64)`` (a *copy* when ``output`` is float) and never copies back.
-    ``expand_batch_to_tokens`` uses it for the per-token temperature (and top-p), so those
-    stay uninitialised memory (and the float inputs are truncated to int): the target
-    probabilities of non-greedy requests become NaN/garbage, verification rejects
-    arbitrarily and "recovered" tokens come out as token id 0.  Greedy requests are not
-    affected.  This affects plain vLLM draft-model speculative decoding on CPU as well, so
-    baseline engines need it too.
-
-    Replaces the CPU fallback (future engines in this process) and the already-registered
-    kernel override (engines built before).  Idempotent; a no-op where Triton runs the real
-    kernel (GPUs).  Returns whether the fallback is in use.
-    """
-    from vllm.triton_utils import HAS_TRITON
-
-    if HAS_TRITON:
-        return False
-    from vllm.utils import cpu_triton_utils as cpu_tl
-    from vllm.v1.sample import rejection_sampler
-
-    current = cpu_tl._expand_kernel_impl
-    if current is not _expand_kernel_impl_fixed:
-        digest = hashlib.sha256(inspect.getsource(current).encode()).hexdigest()
-        if digest != _CPU_EXPAND_SHA256:
-            raise VllmInternalsError(
-                "vllm.utils.cpu_triton_utils._expand_kernel_impl changed; review "
-                "decode_worker.spec_adapter.fix_cpu_expand_kernel")
-        global _original_cpu_expand_impl
-        _original_cpu_expand_impl = current
-        cpu_tl._expand_kernel_impl = _expand_kernel_impl_fixed
-    # Engines already built hold a KernelOverride (vllm.triton_utils.dispatcher) whose
-    # impl is the old function; the same wrapper object is referenced from every holder.
-    wrapper = getattr(rejection_sampler, "expand_kernel", None)
-    impl = getattr(wrapper, "_impl", None)
-    if impl is not None and getattr(impl, "__module__", None) == cpu_tl.__name__ \
-            and getattr(impl, "__name__", None) == "_expand_kernel_impl":
-        wrapper._impl = wrapper.func = _expand_kernel_impl_fixed
-    return True
 
 
 # --------------------------------------------------------------------------- stats
@@ -436,13 +331,6 @@ def model_runner_of(engine):
                 "(a multi-worker executor? TETRIS supports the uniprocess executor)")
         obj = getattr(obj, name)
     return obj
-
-
-def speculative_config(draft_model: str, config: TetrisConfig, **extra) -> dict[str, Any]:
-    """The ``speculative_config`` engine argument that TETRIS expects."""
-    return {"method": "draft_model", "model": draft_model,
-            "num_speculative_tokens": config.num_speculative_tokens,
-            "draft_sample_method": "probabilistic", **extra}
 
 
 # --------------------------------------------------------------------------- the hook

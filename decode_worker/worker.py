@@ -15,25 +15,18 @@ Live migration (the router's coordinator, router/migration.py, drives these step
 
 from __future__ import annotations
 
-from cluster.kv_layout import blocks_for_tokens
-from cluster.kv_transport import SourceRef
-from cluster.protocol import EngineRequest
-from cluster.worker import EngineWorker, KVWorkerMixin
+from cluster.kv.layout import blocks_for_tokens
+from cluster.kv.transports.base import SourceRef
+from cluster.protocol import EngineRequest, stage_transfer_id, tail_transfer_id
+from cluster.engine.worker import EngineWorker, KVWorkerMixin
 from decode_worker import migration_adapter as ma
+from decode_worker.speculation import TetrisMixin
 
 # Longest a migration step waits for the engine loop (one step, normally milliseconds).
 LOOP_CALL_TIMEOUT_S = 10.0
 
 
-def stage_transfer_id(migration_id: str, stage: int) -> str:
-    return f"{migration_id}#s{stage}"
-
-
-def tail_transfer_id(migration_id: str) -> str:
-    return f"{migration_id}#tail"
-
-
-class DecodeWorker(KVWorkerMixin, EngineWorker):
+class DecodeWorker(TetrisMixin, KVWorkerMixin, EngineWorker):
     role = "decode"
 
     def __init__(self, *args, **kwargs):

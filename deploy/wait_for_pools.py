@@ -9,7 +9,7 @@ the serving command with the project's own parser (so `--config FILE` and flags 
 what they mean to `up`), asks the autoscaler (where the cluster has one) for a node per engine
 instance, waits until the cluster's resources cover every pool (pool resource, CPUs and GPUs
 per instance), then replaces itself with the command (exec: same pid, same signals). The
-command may also be given as `python -m cluster.cli up ARGS...`.
+command may also be given as `python -m cluster.entrypoints.cli up ARGS...`.
 
 Exit status: 2 for a bad command line, 1 when the cluster is still short after --timeout.
 """
@@ -28,10 +28,10 @@ def serve_argv(command: list[str]) -> list[str]:
     """The arguments after the program (`up ...`) of a `disagg-serve up` command line."""
     if command and Path(command[0]).name == "disagg-serve":
         rest = command[1:]
-    elif len(command) >= 3 and command[1:3] == ["-m", "cluster.cli"]:
+    elif len(command) >= 3 and command[1:3] == ["-m", "cluster.entrypoints.cli"]:
         rest = command[3:]
     else:
-        raise ValueError(f"expected `disagg-serve up ...` or `python -m cluster.cli up ...`, got {command!r}")
+        raise ValueError(f"expected `disagg-serve up ...` or `python -m cluster.entrypoints.cli up ...`, got {command!r}")
     if not rest or rest[0] != "up":
         raise ValueError(f"expected the `up` command, got {command!r}")
     return rest
@@ -146,7 +146,7 @@ def parse_command_line(argv: list[str]):
     opts = parser.parse_args(argv[:split])
     command = argv[split + 1:]
 
-    from cluster.cli import parse_args, serve_config_from_args
+    from cluster.entrypoints.cli import parse_args, serve_config_from_args
 
     try:
         up_argv = serve_argv(command)

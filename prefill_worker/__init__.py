@@ -1,1 +1,1 @@
-"""Prefill pool: vLLM engine as KV producer (built on cluster.worker.EngineWorker)."""
+"""Prefill pool: vLLM engine as KV producer (built on cluster.engine.worker.EngineWorker)."""

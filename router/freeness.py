@@ -38,8 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SELECTION_POLICIES = ("last", "shortest", "longest")
-
+from cluster.config import FreenessConfig
 
 @dataclass(frozen=True)
 class InstanceView:
@@ -81,59 +80,6 @@ class RequestView:
     priority: int = 0
     # Seconds since the request arrived at the router: smaller means more recent.
     age_s: float = 0.0
-
-
-@dataclass(frozen=True)
-class FreenessConfig:
-    """Thresholds of the freeness policy. Freeness is in KV blocks per running request."""
-
-    high_priority_headroom_blocks: int = 0
-    """Blocks reserved on *every* instance for high-priority requests, whether or not one runs
-    there now: the room must exist before a high-priority request arrives, or normal requests
-    would already have filled it. Normal-priority requests and the migration pairing see
-    ``free - headroom``; high-priority requests see all free blocks. An instance whose normal
-    load eats into the headroom gets a negative freeness and becomes a migration source, which
-    restores the headroom. 0 (the default) turns the reservation off."""
-
-    high_priority_threshold: int = 1
-    """A request is high-priority when its priority is >= this (0 is normal)."""
-
-    migrate_out_threshold: float = 2.0
-    """An instance is a migration source when its freeness is below this: its running requests
-    have fewer than two free blocks each left to grow into (after virtual usage). Draining
-    instances with running requests are sources whatever their freeness."""
-
-    migrate_in_threshold: float = 8.0
-    """An instance is a migration destination when its freeness is above this. Must be >=
-    ``migrate_out_threshold``; the gap between the two keeps a moved request from bouncing
-    back."""
-
-    max_pairs_per_round: int = 4
-    """At most this many (source, destination) pairs per pairing round."""
-
-    selection: str = "last"
-    """Which request a source gives up: "last" (the most recently arrived, which has the fewest
-    blocks to copy, like Llumnix's LCR), "shortest" (fewest blocks), "longest" (most blocks:
-    frees the most room in one move)."""
-
-    running_floor: int = 1
-    """The freeness denominator is ``max(num_running, running_floor)``: never zero, and equal to
-    the running count on a busy instance."""
-
-    def __post_init__(self) -> None:
-        if self.selection not in SELECTION_POLICIES:
-            raise ValueError(
-                f"selection must be one of {SELECTION_POLICIES}, got {self.selection!r}")
-        if self.running_floor < 1:
-            raise ValueError(f"running_floor must be >= 1, got {self.running_floor}")
-        if self.high_priority_headroom_blocks < 0:
-            raise ValueError("high_priority_headroom_blocks must be >= 0")
-        if self.max_pairs_per_round < 0:
-            raise ValueError("max_pairs_per_round must be >= 0")
-        if self.migrate_in_threshold < self.migrate_out_threshold:
-            raise ValueError(
-                f"migrate_in_threshold ({self.migrate_in_threshold}) must be >= "
-                f"migrate_out_threshold ({self.migrate_out_threshold})")
 
 
 def is_high_priority(priority: int, config: FreenessConfig) -> bool:

@@ -23,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Protocol, runtime_checkable
 
 from cluster.config import MigrationConfig
-from cluster.kv_layout import blocks_for_tokens
-from cluster.protocol import EngineRequest, TokenDelta
+from cluster.kv.layout import blocks_for_tokens
+from cluster.protocol import EngineRequest, Sampling, TokenDelta, tail_transfer_id
 from router.instances import InstanceState
 from router.migration_types import MigrationRecord, MigrationState
+from router.request_table import RequestState, RequestTable
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +62,30 @@ def advance(rec: MigrationRecord, new: MigrationState) -> None:
         rec.finished_at = time.monotonic()
 
 
-class MigrationCoordinator:
-    """Runs migrations for a router. `router` provides: instances, table, _call, _fire,
-    _remaining, _next_attempt, and requests' RequestState."""
+@runtime_checkable
+class MigrationHost(Protocol):
+    """What the coordinator needs from the component that owns the requests' streams (the
+    Router): their table, deadline-bound actor calls, and how a request resumes elsewhere."""
 
-    def __init__(self, router, config: MigrationConfig):
+    table: RequestTable
+
+    async def call_actor(self, ref):
+        """Awaits an actor call's result under the router's per-call deadline."""
+
+    def fire(self, ref) -> None:
+        """Sends an actor call whose result nobody waits for (still under a deadline)."""
+
+    def remaining(self, state: RequestState) -> tuple[tuple[int, ...], Sampling]:
+        """Prompt + tokens streamed so far, and the sampling budget left."""
+
+    def next_attempt(self, state: RequestState) -> str:
+        """A fresh engine-side id for the request's next attempt (replay, migration commit)."""
+
+
+class MigrationCoordinator:
+    """Runs migrations for the requests of a MigrationHost."""
+
+    def __init__(self, router: MigrationHost, config: MigrationConfig):
         self.router = router
         self.config = config
 
@@ -85,7 +106,7 @@ class MigrationCoordinator:
 
     # ---- before the stop: the request runs on the source throughout ----
     async def _precopy_and_stop(self, rec, state, src, dst, engine_id, mode):
-        call = self.router._call
+        call = self.router.call_actor
         block_size = src.info.block_size
         staged, preemptions, last = 0, -1, None
         if mode == "live":
@@ -103,7 +124,7 @@ class MigrationCoordinator:
                     try:
                         await self._reserve(dst, rec, out["full_blocks"])
                     except MigrationAborted:
-                        self.router._fire(src.actor.kv_release.remote(out["transfer_id"]))
+                        self.router.fire(src.actor.kv_release.remote(out["transfer_id"]))
                         raise
                     await call(dst.actor.migrate_in_pull.remote(
                         rec.migration_id, src.instance_id, src.actor, src.info.node_id, out["transfer_id"],
@@ -111,7 +132,7 @@ class MigrationCoordinator:
                     staged = out["full_blocks"]
                     rec.blocks_copied += out["num_blocks"]
                 else:
-                    self.router._fire(src.actor.kv_release.remote(out["transfer_id"]))
+                    self.router.fire(src.actor.kv_release.remote(out["transfer_id"]))
                 rec.stages += 1
                 if out["num_blocks"] <= self.config.stop_copy_blocks:
                     break
@@ -137,7 +158,7 @@ class MigrationCoordinator:
 
     # ---- after the stop: the request runs nowhere until the commit ----
     async def _commit(self, rec, state, src, dst, engine_id, staged, stop, mode) -> None:
-        call = self.router._call
+        call = self.router.call_actor
         # Every token the source produced reached the stream before its "migrated" delta.
         await self._wait_stream_caught_up(state, engine_id)
         self._mark(rec, "catch_up")
@@ -145,7 +166,7 @@ class MigrationCoordinator:
         num_tokens = stop["num_computed_tokens"]
         if mode == "recompute":
             num_tokens = 0
-            self.router._fire(src.actor.kv_release.remote(stop["transfer_id"]))
+            self.router.fire(src.actor.kv_release.remote(stop["transfer_id"]))
         else:
             await self._reserve(dst, rec, blocks_for_tokens(num_tokens, src.info.block_size))
             await call(dst.actor.migrate_in_pull.remote(
@@ -157,8 +178,8 @@ class MigrationCoordinator:
             raise MigrationAborted("client_gone: the request ended while it moved")
         if state.engine_request_id != engine_id or state.instance_id != src.instance_id:
             raise MigrationAborted("source_failed: the request was replayed while it moved")
-        prompt, sampling = self.router._remaining(state)
-        new_id = self.router._next_attempt(state)
+        prompt, sampling = self.router.remaining(state)
+        new_id = self.router.next_attempt(state)
         kv = {"migrated_in": rec.migration_id} if num_tokens else None
         request = EngineRequest(new_id, prompt, sampling, state.request.priority, kv_transfer=kv)
         # Switch the stream to the destination before it can produce anything.
@@ -180,7 +201,7 @@ class MigrationCoordinator:
         migration as the source's (if the source did stop the request and only the reply was
         lost, its "migrated" marker finds no migration and the router replays the request)."""
         try:
-            return await self.router._call(ref)
+            return await self.router.call_actor(ref)
         except Exception as exc:
             raise MigrationAborted(f"source_failed: {src.instance_id}: {type(exc).__name__}: {exc}") from exc
 
@@ -207,7 +228,7 @@ class MigrationCoordinator:
                 pass
 
     async def _reserve(self, dst, rec, total_blocks: int) -> None:
-        out = await self.router._call(dst.actor.migrate_in_reserve.remote(
+        out = await self.router.call_actor(dst.actor.migrate_in_reserve.remote(
             rec.migration_id, total_blocks, self.config.reserve_watermark_blocks))
         if out["status"] == "no_memory":
             raise MigrationAborted(f"destination_no_memory: {dst.instance_id} cannot spare {total_blocks} blocks")
@@ -222,22 +243,20 @@ class MigrationCoordinator:
         if rec.state != MigrationState.ABORTED:
             advance(rec, MigrationState.ABORTED)
         if dst.state != InstanceState.DEAD:
-            self.router._fire(dst.actor.migrate_in_cancel.remote(rec.migration_id))
+            self.router.fire(dst.actor.migrate_in_cancel.remote(rec.migration_id))
         if src.state != InstanceState.DEAD:
-            self.router._fire(src.actor.migrate_out_cancel.remote(rec.migration_id))
+            self.router.fire(src.actor.migrate_out_cancel.remote(rec.migration_id))
         state.resumed_migration = None
         if not stopped:
             return  # the request never stopped on the source: it simply stays there
         if src.state != InstanceState.DEAD:
-            from decode_worker.worker import tail_transfer_id
-
-            self.router._fire(src.actor.kv_release.remote(tail_transfer_id(rec.migration_id)))
+            self.router.fire(src.actor.kv_release.remote(tail_transfer_id(rec.migration_id)))
         if self.router.table.get(state.request_id) is not state or state.finished:
             return
         if state.engine_request_id != engine_id and state.instance_id != dst.instance_id:
             return  # the router already replayed it (its source died): that attempt is not ours
         if state.instance_id == dst.instance_id and state.engine_request_id != engine_id:
-            self.router._fire(dst.actor.abort.remote([state.engine_request_id]))
+            self.router.fire(dst.actor.abort.remote([state.engine_request_id]))
         # Stopped on the source, not running on the destination: replay what is left of it.
         state.deltas.put_nowait(TokenDelta(state.engine_request_id, [], True, "dead",
                                            error=f"migration {rec.migration_id} failed after the stop: {reason}"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from cluster.config import MigrationConfig, RouterConfig
-from cluster.kv_layout import blocks_for_tokens
+from cluster.kv.layout import blocks_for_tokens
 from cluster.protocol import EngineRequest, TokenDelta
 from router.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from router.dispatcher import Candidate, fewest_queued_prompt_tokens, freest, least_loaded
@@ -157,9 +157,9 @@ class Router:
         state.deltas.put_nowait(TokenDelta(state.engine_request_id or request_id, [], True, "abort"))
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is not None and inst.serving:
-            await self._call(inst.actor.abort.remote([state.engine_request_id]))
+            await self.call_actor(inst.actor.abort.remote([state.engine_request_id]))
 
-    def _remaining(self, state: RequestState):
+    def remaining(self, state: RequestState):
         """What is left of a request: prompt + tokens streamed so far, and the sampling budget
         that remains. A first placement, a hand-off and a replay all start from this."""
         req = state.request
@@ -168,26 +168,26 @@ class Router:
                                        min_tokens=max(0, req.sampling.min_tokens - done))
         return req.prompt_token_ids + tuple(state.output_token_ids), sampling
 
-    def _next_attempt(self, state: RequestState) -> str:
+    def next_attempt(self, state: RequestState) -> str:
         """Engine-side ids are unique per attempt, so a replay never collides with leftovers."""
         state.attempt += 1
         state.engine_request_id = f"{state.request_id}@{state.attempt}"
         return state.engine_request_id
 
     async def _place(self, state: RequestState) -> None:
-        prompt, sampling = self._remaining(state)
+        prompt, sampling = self.remaining(state)
         if self.disaggregated and sampling.max_tokens > 1:
             await self._place_prefill(state, prompt, sampling)
             return
         role = "prefill" if self.disaggregated else "colocated"
         inst = await self._pick(role, least_loaded)
         state.phase = "single"
-        engine_request = EngineRequest(self._next_attempt(state), prompt, sampling, state.request.priority)
+        engine_request = EngineRequest(self.next_attempt(state), prompt, sampling, state.request.priority)
         await self._add(inst, state, inst.actor.add_request.remote(engine_request))
 
     async def _place_prefill(self, state: RequestState, prompt, sampling) -> None:
         inst = await self._pick("prefill", fewest_queued_prompt_tokens)
-        engine_id = self._next_attempt(state)
+        engine_id = self.next_attempt(state)
         one_token = dataclasses.replace(sampling, max_tokens=1, min_tokens=min(1, sampling.min_tokens))
         engine_request = EngineRequest(engine_id, prompt, one_token, state.request.priority,
                                        kv_transfer={"do_remote_decode": True, "transfer_id": engine_id})
@@ -205,7 +205,7 @@ class Router:
     async def _handoff(self, state: RequestState) -> None:
         """Prefill done: move the request (prompt + tokens so far) to a decode instance."""
         source = self.instances[state.prefill_instance_id]
-        prompt, sampling = self._remaining(state)
+        prompt, sampling = self.remaining(state)
         target = await self._pick_decode(len(prompt) + 1, state.request.priority)
         transfer_id = state.prefill_engine_id
         engine_request = EngineRequest(transfer_id, prompt, sampling, state.request.priority,
@@ -280,7 +280,7 @@ class Router:
         state.instance_id = inst.instance_id
         inst.in_flight.add(state.request_id)
         try:
-            await self._call(ref)
+            await self.call_actor(ref)
         except Exception as exc:
             inst.in_flight.discard(state.request_id)
             reason = f"instance {inst.instance_id} did not accept the request: {type(exc).__name__}: {exc}"
@@ -397,13 +397,13 @@ class Router:
             return
         source = self.instances[state.prefill_instance_id]
         if source.serving:
-            self._fire(source.actor.kv_release.remote(state.prefill_engine_id))
+            self.fire(source.actor.kv_release.remote(state.prefill_engine_id))
 
     def _abort_quietly(self, state: RequestState) -> None:
         inst = self.instances.get(state.instance_id) if state.instance_id else None
         if inst is None or not inst.serving:
             return
-        self._fire(inst.actor.abort.remote([state.engine_request_id]))
+        self.fire(inst.actor.abort.remote([state.engine_request_id]))
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -411,12 +411,12 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _fire(self, ref) -> None:
+    def fire(self, ref) -> None:
         """A best-effort call with a deadline whose result nobody waits for."""
-        task = asyncio.get_running_loop().create_task(self._call(ref))
+        task = asyncio.get_running_loop().create_task(self.call_actor(ref))
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _call(self, ref):
+    async def call_actor(self, ref):
         return await asyncio.wait_for(ref, timeout=self.config.actor_call_timeout_s)
 
     # ---- live migration (router/migration.py runs the protocol) ----

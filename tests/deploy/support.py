@@ -313,7 +313,7 @@ def replace_option(argv: list[str], name: str, value: str) -> list[str]:
 def parse_serve_command(argv: list[str], local_config: Path):
     """(args, ServeConfig) of `disagg-serve up ...` with its --config read from `local_config`,
     through the project's own parser."""
-    from cluster.cli import parse_args, serve_config_from_args
+    from cluster.entrypoints.cli import parse_args, serve_config_from_args
 
     assert is_disagg_serve(argv[0]) and argv[1] == "up", argv
     rest = replace_option(argv[1:], "--config", str(local_config))

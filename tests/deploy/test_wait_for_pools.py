@@ -37,8 +37,8 @@ def test_reads_the_config_file_like_up(tmp_path):
 
 
 def test_python_module_form_is_accepted():
-    _, command, _ = wait.parse_command_line(["--", "/usr/bin/python3", "-m", "cluster.cli", *UP[1:]])
-    assert command[:3] == ["/usr/bin/python3", "-m", "cluster.cli"]
+    _, command, _ = wait.parse_command_line(["--", "/usr/bin/python3", "-m", "cluster.entrypoints.cli", *UP[1:]])
+    assert command[:3] == ["/usr/bin/python3", "-m", "cluster.entrypoints.cli"]
 
 
 @pytest.mark.parametrize("argv", [

@@ -29,7 +29,7 @@ class ServerProcess:
 
     def __init__(self, args: list[str], startup_timeout_s: float = 300.0):
         self.metrics_port = free_port()
-        cmd = [sys.executable, "-m", "cluster.cli", "up", "--port", "0", "--host", "127.0.0.1",
+        cmd = [sys.executable, "-m", "cluster.entrypoints.cli", "up", "--port", "0", "--host", "127.0.0.1",
                "--metrics-port", str(self.metrics_port), *args]
         self.log_lines: list[str] = []
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -77,7 +77,7 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def demo_models() -> Path:
-    from cluster.models import build_demo_models
+    from cluster.models.demo import build_demo_models
 
     return build_demo_models()
 

@@ -187,7 +187,7 @@ def test_prometheus_metrics(client, colocated_server):
 
 
 def test_cli_generate_and_status(client, colocated_server):
-    cli = [sys.executable, "-m", "cluster.cli"]
+    cli = [sys.executable, "-m", "cluster.entrypoints.cli"]
     out = subprocess.run(cli + ["generate", "--server", colocated_server.address, "--max-tokens", "12",
                                 "def f(x):"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

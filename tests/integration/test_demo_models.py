@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cluster import models
+from cluster.models import demo as models
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 

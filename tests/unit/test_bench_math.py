@@ -1,4 +1,4 @@
-"""The pure parts of cluster.bench: arrivals, lengths, ITL, percentiles, goodput, results."""
+"""The pure parts of cluster.bench.harness: arrivals, lengths, ITL, percentiles, goodput, results."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from cluster.bench import (
+from cluster.bench.harness import (
     BenchConfig,
     RequestRecord,
     arrival_offsets,

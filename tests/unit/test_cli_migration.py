@@ -10,7 +10,7 @@ import grpc
 import pytest
 import yaml
 
-from cluster import cli
+from cluster.entrypoints import cli
 from cluster.client import status_to_dict
 from cluster.config import MigrationConfig
 from proto import disagg_pb2 as pb

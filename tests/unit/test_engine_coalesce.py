@@ -1,4 +1,4 @@
-from cluster.engine import coalesce
+from cluster.engine.loop import coalesce
 from cluster.protocol import TokenDelta
 
 

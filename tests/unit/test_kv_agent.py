@@ -5,8 +5,8 @@ import time
 
 import torch
 
-from cluster.kv_agent import KVTransferAgent
-from cluster.kv_transport import KVTransport, SourceRef, TransferError
+from cluster.kv.agent import KVTransferAgent
+from cluster.kv.transports.base import KVTransport, SourceRef, TransferError
 
 NUM_BLOCKS, BLOCK = 8, 4
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cluster.kv_layout import KVCacheView, blocks_for_tokens, find_block_dim
-from cluster.kv_transport import tensor_from_wire, tensor_to_wire
-from cluster.kv_transport_nccl import pair_key, plan_transfer
+from cluster.kv.layout import KVCacheView, blocks_for_tokens, find_block_dim
+from cluster.kv.transports.base import tensor_from_wire, tensor_to_wire
+from cluster.kv.transports.nccl import pair_key, plan_transfer
 
 NUM_BLOCKS = 9
 
@@ -80,7 +80,7 @@ def test_nccl_plan_matches_layout():
 def test_shared_memory_export_and_scatter(make):
     from multiprocessing import shared_memory
 
-    from cluster.kv_transport_shm import ShmPool, _scatter_from, export_to_shm
+    from cluster.kv.transports.shm import ShmPool, _scatter_from, export_to_shm
 
     src, dst = KVCacheView(make(), NUM_BLOCKS), KVCacheView(make(), NUM_BLOCKS)
     pool = ShmPool()

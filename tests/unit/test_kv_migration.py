@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import cluster.kv_migration as km
-from cluster.kv_agent import KVTransferAgent
-from cluster.kv_migration import MigrationLedger, StopMark
+import cluster.kv.migration_ledger as km
+from cluster.kv.agent import KVTransferAgent
+from cluster.kv.migration_ledger import MigrationLedger, StopMark
 
 BLOCK = 4
 

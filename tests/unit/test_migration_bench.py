@@ -5,10 +5,10 @@ import argparse
 
 import pytest
 
-from cluster.bench import RequestRecord
-from cluster.benchmarks import STUDIES, load_study
-from cluster.benchmarks import migration as mb
-from cluster.models import RANDOM_PRESETS, RandomPreset
+from cluster.bench.harness import RequestRecord
+from cluster.bench.studies import STUDIES, load_study
+from cluster.bench.studies import migration as mb
+from cluster.models.demo import RANDOM_PRESETS, RandomPreset
 
 
 def test_both_studies_are_registered_with_the_cli():
@@ -22,7 +22,7 @@ def test_both_studies_are_registered_with_the_cli():
 
 
 def test_cli_parses_the_migration_suites():
-    from cluster.cli import parse_args
+    from cluster.entrypoints.cli import parse_args
 
     args = parse_args(["bench-suite", "migration-downtime", "--quick", "--lengths", "256,512"])
     assert args.study == "migration-downtime" and args.quick and args.lengths == "256,512"

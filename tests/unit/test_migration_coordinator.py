@@ -2,8 +2,9 @@
 state machine, what each abort leaves behind, and how the request's routing state (instance,
 engine attempt, in-flight sets, stream deltas) looks afterwards.
 
-The fake router is the real Router's `_call`, `_fire`, `_remaining` and `_next_attempt` on a
-bare object with a RequestTable, so the coordinator runs unchanged. Fake actors record every
+The fake router implements MigrationHost (the coordinator's whole view of the Router) with the
+real Router's `call_actor`, `fire`, `remaining` and `next_attempt` on a bare object with a
+RequestTable, so the coordinator runs unchanged. Fake actors record every
 `method.remote(...)` at call time and answer through scripted handlers (which may change the
 request's state mid-call to simulate the router or the stream)."""
 
@@ -16,12 +17,13 @@ from types import SimpleNamespace
 import pytest
 
 from cluster.config import MigrationConfig, RouterConfig
-from cluster.kv_layout import blocks_for_tokens as blocks_for
+from cluster.kv.layout import blocks_for_tokens as blocks_for
 from cluster.protocol import EngineRequest, InstanceInfo, Sampling, TokenDelta
 from decode_worker.migration_adapter import RequestProgress
-from decode_worker.worker import DecodeWorker, stage_transfer_id, tail_transfer_id
+from cluster.protocol import stage_transfer_id, tail_transfer_id
+from decode_worker.worker import DecodeWorker
 from router.instances import Instance, InstanceState
-from router.migration import MigrationCoordinator, advance
+from router.migration import MigrationCoordinator, MigrationHost, advance
 from router.migration_types import MigrationRecord, MigrationState
 from router.request_table import RequestState, RequestTable
 from router.router import Router
@@ -77,18 +79,26 @@ class FakeActor:
         return [m for m, _ in self.calls]
 
 
-class FakeRouter:
-    """The surface MigrationCoordinator uses, with the real Router's helpers."""
+class FakeRouter(MigrationHost):
+    """MigrationHost, the surface MigrationCoordinator uses, with the real Router's helpers."""
 
-    _call = Router._call
-    _fire = Router._fire
-    _remaining = Router._remaining
-    _next_attempt = Router._next_attempt
+    call_actor = Router.call_actor
+    fire = Router.fire
+    remaining = Router.remaining
+    next_attempt = Router.next_attempt
 
     def __init__(self, instances):
         self.config = RouterConfig(actor_call_timeout_s=5.0)
         self.table = RequestTable()
         self.instances = {i.instance_id: i for i in instances}
+
+
+def test_the_router_and_the_fake_implement_the_coordinators_interface():
+    for cls in (Router, FakeRouter):
+        missing = [name for name in ("call_actor", "fire", "remaining", "next_attempt")
+                   if not callable(getattr(cls, name, None))]
+        assert not missing, f"{cls.__name__} lacks {missing}"
+    assert isinstance(FakeRouter([]), MigrationHost)
 
 
 def info(iid: str) -> InstanceInfo:
@@ -734,7 +744,7 @@ class _FakeLoop:
 
 
 def _fake_worker(progress: RequestProgress):
-    from cluster.kv_migration import MigrationLedger
+    from cluster.kv.migration_ledger import MigrationLedger
 
     agent = SimpleNamespace(block_size=BLOCK, migrations=MigrationLedger())
     worker = SimpleNamespace(loop=_FakeLoop(progress), agent=agent,

@@ -1,4 +1,4 @@
-"""Breaks loudly when vLLM moves the internals cluster/vllm_adapter.py reads.
+"""Breaks loudly when vLLM moves the internals cluster/engine/vllm_adapter.py reads.
 
 Building an engine is left to the integration tests; here we check, without one, that the
 installed vLLM is the pinned version and still has the attributes and signatures we use.
@@ -8,12 +8,14 @@ import inspect
 
 import vllm
 
-from cluster import vllm_adapter as va
+from cluster.config import SpecConfig
+from cluster.engine import vllm_adapter as va
+from cluster.engine.vllm_pin import PINNED_VLLM_VERSION
 
 
 def test_pinned_version():
-    assert vllm.__version__ == va.PINNED_VLLM_VERSION, (
-        f"vLLM {vllm.__version__} installed; the adapters are written for {va.PINNED_VLLM_VERSION}")
+    assert vllm.__version__ == PINNED_VLLM_VERSION, (
+        f"vLLM {vllm.__version__} installed; the adapters are written for {PINNED_VLLM_VERSION}")
 
 
 def test_engine_core_reachable_in_process():
@@ -51,3 +53,15 @@ def test_sampling_params_delta_token_ids():
     assert params.output_kind == RequestOutputKind.DELTA
     assert params.detokenize is False
     assert params.max_tokens == 5 and params.stop_token_ids == [3] and params.seed == 1
+
+
+def test_draft_model_speculative_config_shape():
+    spec = SpecConfig(draft_model="/models/draft", k=3, extra=2)
+    cfg = va.speculative_config(spec.draft_model, spec.num_speculative_tokens)
+    assert cfg == {"method": "draft_model", "model": "/models/draft",
+                   "num_speculative_tokens": 5, "draft_sample_method": "probabilistic"}
+    # vLLM still accepts these keys.
+    from vllm.config import SpeculativeConfig
+
+    fields = set(SpeculativeConfig.__dataclass_fields__)
+    assert {"method", "model", "num_speculative_tokens", "draft_sample_method"} <= fields

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from cluster.benchmarks.common import write_results
+from cluster.bench.studies.common import write_results
 
 BLOCK_BYTES = 1 << 20  # 1 MiB blocks keep the block count small at every size
 LAYERS = 4
@@ -34,8 +34,8 @@ class _Endpoint:
     """A process with a synthetic KV cache and a real KVTransferAgent (no engine)."""
 
     def __init__(self, name: str, num_blocks: int, transport: str, device: str):
-        from cluster.kv_agent import KVTransferAgent
-        from cluster.kv_transport import make_transport
+        from cluster.kv.agent import KVTransferAgent
+        from cluster.kv.transports.base import make_transport
 
         self.name = name
         self.agent = KVTransferAgent(name, make_transport(transport, name), timeout_s=120)
@@ -60,7 +60,7 @@ class _Endpoint:
         return self.agent.nccl_send(key, transfer_id)
 
     def fetch(self, source_name: str, source, transfer_id: str, blocks: list[int]) -> float:
-        from cluster.kv_transport import SourceRef
+        from cluster.kv.transports.base import SourceRef
 
         start = time.perf_counter()
         self.agent.transport.fetch(SourceRef(source_name, source), transfer_id, self.agent.cache, blocks, 120)

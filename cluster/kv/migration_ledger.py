@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cluster.kv_layout import blocks_for_tokens
+from cluster.kv.layout import blocks_for_tokens
 
 log = logging.getLogger(__name__)
 

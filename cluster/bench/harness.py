@@ -933,6 +933,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__)
+    _parser = argparse.ArgumentParser(prog="python -m cluster.bench.harness", description=__doc__)
     add_bench_args(_parser)
     sys.exit(main(_parser.parse_args()))

@@ -3,7 +3,7 @@
 It lets vLLM's own scheduler do the hard parts — a prefill request's blocks stay allocated
 after it finishes (delayed free), and a decode request waits in WAITING_FOR_REMOTE_KVS with
 its blocks allocated while its KV arrives, then computes only what was not transferred. All
-data movement is the KVTransferAgent's (cluster/kv_agent.py), found by the agent id in
+data movement is the KVTransferAgent's (cluster/kv/agent.py), found by the agent id in
 `kv_connector_extra_config`.
 
 Per-request parameters ride in SamplingParams.extra_args["kv_transfer_params"]:
@@ -27,9 +27,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from cluster.kv_agent import get_agent
+from cluster.kv.agent import get_agent
 
-CONNECTOR_MODULE = "cluster.kv_connector"
+CONNECTOR_MODULE = "cluster.kv.connector"
 CONNECTOR_CLASS = "DisaggConnector"
 
 

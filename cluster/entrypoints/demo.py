@@ -6,6 +6,8 @@ import asyncio
 import sys
 import time
 
+from cluster.entrypoints.status_format import format_status_table
+
 DEMO_PROMPTS = [
     "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
     "import os\nimport sys\n\n\ndef main(",
@@ -61,11 +63,10 @@ async def _migrate_mid_stream(client, prompt: str, max_tokens: int = 160) -> dic
 
 
 async def _demo(colocated: int, port: int, speculative: bool) -> None:
-    from cluster.cli import format_status_table
     from cluster.client import AsyncClient, status_to_dict
     from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig
-    from cluster.launcher import start_cluster
-    from cluster.models import build_demo_models
+    from cluster.entrypoints.launcher import start_cluster
+    from cluster.models.demo import build_demo_models
 
     models = build_demo_models()
     if colocated:

@@ -7,7 +7,10 @@ import json
 import os
 import sys
 
+from cluster.entrypoints.status_format import format_drain, format_migration, format_status_table
 from cluster.config import (
+    KV_FAILURE_POLICIES,
+    KV_TRANSPORTS,
     POOL_RESOURCES,
     EngineConfig,
     MigrationConfig,
@@ -58,13 +61,13 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
     sp.add_argument("--tetris-min-batch", type=int, default=2,
                     help="below this batch size every request verifies plain window k")
     t = p.add_argument_group("KV transfer")
-    t.add_argument("--kv-transport", choices=["auto", "shm", "ray", "nccl"], default="auto",
+    t.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
                    help="auto: shared memory on one host, Ray's object store across hosts; "
                         "nccl: CuPy NCCL between GPUs")
     t.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="deadline of one transfer, s")
     t.add_argument("--kv-hold-timeout", type=float, default=60.0,
                    help="a prefill frees KV nobody fetched after this many s")
-    t.add_argument("--kv-failure-policy", choices=["recompute", "fail"], default="recompute",
+    t.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
                    help="on a failed or late transfer: decode prefills itself, or the request fails")
     _add_migration_args(p)
     p.add_argument("--cpus-per-instance", type=float, default=1.0)
@@ -214,13 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     rnd.add_argument("--seed", type=int, default=0)
     rnd.add_argument("dir", nargs="?", default=None)
 
-    from cluster.bench import add_bench_args
+    from cluster.bench.harness import add_bench_args
 
     add_bench_args(sub.add_parser("bench", help="benchmark a running server (vllm bench serve style)"))
 
     suite = sub.add_parser("bench-suite", help="comparison studies (baseline vs new, same run)")
     studies = suite.add_subparsers(dest="study", required=True)
-    from cluster.benchmarks import STUDIES, load_study
+    from cluster.bench.studies import STUDIES, load_study
 
     for name in STUDIES:
         load_study(name).add_args(studies.add_parser(name))
@@ -284,13 +287,13 @@ def serve_config_from_args(args) -> ServeConfig:
 
 
 def demo_target() -> str:
-    from cluster.models import build_demo_models
+    from cluster.models.demo import build_demo_models
 
     return str(build_demo_models() / "target")
 
 
 def demo_draft() -> str:
-    from cluster.models import build_demo_models
+    from cluster.models.demo import build_demo_models
 
     return str(build_demo_models() / "draft")
 
@@ -298,7 +301,7 @@ def demo_draft() -> str:
 def cmd_up(args) -> int:
     import asyncio
 
-    from cluster.launcher import serve_until_signal
+    from cluster.entrypoints.launcher import serve_until_signal
 
     asyncio.run(serve_until_signal(serve_config_from_args(args)))
     return 0
@@ -325,78 +328,6 @@ def cmd_generate(args) -> int:
             print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
     return 0
-
-
-def format_status_table(status: dict) -> str:
-    rows = [("INSTANCE", "ROLE", "STATE", "KV USED", "FREE/TOTAL BLOCKS", "RUNNING", "WAITING",
-             "QUEUED PROMPT", "SERVED", "KV IN/OUT MB", "SPEC ACCEPT")]
-    for inst in status.get("instances", []):
-        load = inst.get("load", {})
-        total, free = int(load.get("num_total_blocks", 0)), int(load.get("num_free_blocks", 0))
-        rows.append((inst["instance_id"], inst["role"], inst["state"], f"{100 * load.get('kv_usage', 0):.1f}%",
-                     f"{free}/{total}", str(load.get("num_running", 0)), str(load.get("num_waiting", 0)),
-                     str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0)),
-                     _kv_cell(inst.get("kv_transfer")), _spec_cell(inst.get("spec_decode"))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
-                 f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
-    if "migrations" in status:  # servers before live migration leave it out
-        lines.extend(format_migration_lines(status["migrations"]))
-    return "\n".join(lines)
-
-
-def _ms(seconds) -> str:
-    return f"{1000 * float(seconds):.1f}"
-
-
-def format_migration_lines(stats: dict) -> list[str]:
-    """One summary line, then one line per migration in flight (numbers may be JSON strings)."""
-    aborted = int(stats.get("aborted", 0))
-    reasons = stats.get("aborted_by_reason") or {}
-    why = f" ({', '.join(f'{k} {int(v)}' for k, v in sorted(reasons.items()))})" if reasons else ""
-    downtime = "/".join(_ms(stats.get(f"downtime_{q}_s", 0)) for q in ("p50", "p99", "max"))
-    summary = (f"migrations: {int(stats.get('started', 0))} started, "
-               f"{int(stats.get('committed', 0))} committed, {aborted} aborted{why}  "
-               f"downtime p50/p99/max: {downtime} ms")
-    lines = [summary]
-    for m in stats.get("in_flight", []):
-        lines.append(f"  migrating {m.get('request_id')}: {m.get('source')} -> {m.get('target')} "
-                     f"({m.get('state')}, {m.get('trigger')}, stage {int(m.get('stages', 0))}, "
-                     f"{int(m.get('blocks_copied', 0))} blocks, {float(m.get('duration_s', 0)):.1f}s)")
-    return lines
-
-
-def format_migration(m: dict) -> str:
-    """One line for a finished migration (a Client.migrate() result)."""
-    route = f"{m['source']} -> {m['target'] or '?'}"
-    if m["state"] != "committed":
-        return f"migration of {m['request_id']} {m['state']} ({route}): {m['reason'] or 'no reason given'}"
-    downtime = f"downtime {_ms(m['downtime_s'])} ms" if m.get("downtime_s") is not None else "downtime unknown"
-    return (f"migrated {m['request_id']}: {route} in {_ms(m['duration_s'])} ms ({downtime}, "
-            f"{m['stages']} stage(s), {m['blocks_copied']} blocks, {m['tokens_moved']} tokens)")
-
-
-def format_drain(d: dict, cancel: bool = False) -> str:
-    if cancel:
-        return f"{d['instance_id']} undrained: it takes new requests again"
-    counts = f"{d['migrated']} migrated, {d['failed']} failed, {d['remaining']} remaining"
-    if d["remaining"]:
-        return (f"drain of {d['instance_id']} incomplete: {counts} (still draining; "
-                f"`disagg-serve drain {d['instance_id']} --cancel` undrains it)")
-    return f"drained {d['instance_id']}: {counts}"
-
-
-def _kv_cell(kv: dict | None) -> str:
-    if not kv:
-        return "-"
-    return f"{int(kv.get('bytes_received', 0)) / 1e6:.1f}/{int(kv.get('bytes_sent', 0)) / 1e6:.1f}"
-
-
-def _spec_cell(spec: dict | None) -> str:
-    if not spec or not int(spec.get("verified", 0)):
-        return "-"
-    return f"{100 * float(spec.get('acceptance_rate', 0)):.0f}% ({float(spec.get('mean_accepted_per_request_step', 0)):.2f}/step)"
 
 
 def cmd_status(args) -> int:
@@ -441,33 +372,33 @@ def cmd_drain(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from cluster.models import build_demo_models
+    from cluster.models.demo import build_demo_models
 
     print(build_demo_models(args.dir))
     return 0
 
 
 def cmd_random_model(args) -> int:
-    from cluster.models import write_random_model
+    from cluster.models.demo import write_random_model
 
     print(write_random_model(args.dir or os.path.join(os.getcwd(), "random-models"), args.preset, seed=args.seed))
     return 0
 
 
 def cmd_bench(args) -> int:
-    from cluster.bench import main as bench_main
+    from cluster.bench.harness import main as bench_main
 
     return bench_main(args)
 
 
 def cmd_bench_suite(args) -> int:
-    from cluster.benchmarks import load_study
+    from cluster.bench.studies import load_study
 
     return load_study(args.study).main(args)
 
 
 def cmd_demo(args) -> int:
-    from cluster.demo import run_demo
+    from cluster.entrypoints.demo import run_demo
 
     return run_demo(colocated=args.colocated, port=args.port, speculative=args.spec)
 
@@ -483,7 +414,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "up" and args.config:
-        from cluster.config_file import ConfigFileError, load_config_file
+        from cluster.entrypoints.config_file import ConfigFileError, load_config_file
 
         up = _subparser(parser, "up")
         valid = {a.dest for a in up._actions if a.dest not in ("help", "config")}

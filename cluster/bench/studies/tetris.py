@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from cluster.benchmarks.common import corpus_prompts, write_results
+from cluster.bench.studies.common import corpus_prompts, write_results
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def _engine(target: str, draft: str | None, k: int, extra: int, tetris: bool):
-    from cluster import vllm_adapter as va
+    from cluster.engine import vllm_adapter as va
     from cluster.config import EngineConfig
     from decode_worker.spec_adapter import install_tetris, speculative_config
     from decode_worker.tetris import TetrisConfig
@@ -45,7 +45,7 @@ def _engine(target: str, draft: str | None, k: int, extra: int, tetris: bool):
 
 
 def _run_batch(engine, prompts, output_len: int, temperature: float, tag: str) -> dict:
-    from cluster import vllm_adapter as va
+    from cluster.engine import vllm_adapter as va
     from cluster.protocol import Sampling
 
     sampling = Sampling(max_tokens=output_len, temperature=temperature, ignore_eos=True, seed=0)
@@ -83,14 +83,14 @@ def _measure(engine, stats, prompts, args, tag) -> dict:
 
 
 def run(args) -> dict:
-    from cluster.launcher import load_tokenizer
-    from cluster.models import build_demo_models
+    from cluster.models.tokenizer import load_serving_tokenizer
+    from cluster.models.demo import build_demo_models
 
     demo = build_demo_models() if not (args.target and args.draft) else None
     target, draft = args.target or str(demo / "target"), args.draft or str(demo / "draft")
     batches = [int(b) for b in args.batch_sizes.split(",")]
     ks, extras = [int(k) for k in args.ks.split(",")], [int(e) for e in args.extras.split(",")]
-    prompts = corpus_prompts(load_tokenizer(target), max(batches), args.input_len, seed=1)
+    prompts = corpus_prompts(load_serving_tokenizer(target), max(batches), args.input_len, seed=1)
     rows = []
     # Engines stay referenced until the end: freeing an in-process vLLM engine tears down
     # process-global state the others still use.

@@ -1,4 +1,8 @@
-"""Starts a serving cluster: Ray, the worker pools, the router and its gRPC and metrics ports."""
+"""Starts a serving cluster: Ray, the worker pools, the router and its gRPC and metrics ports.
+
+It wires every room together (it sits above the router and the role workers), so it is the
+one place that maps a pool's role to its worker class.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,20 @@ import sys
 import time
 from dataclasses import dataclass
 
-from cluster.config import ServeConfig
+import ray
+
+from cluster.config import EngineConfig, PoolConfig, ServeConfig, SpecConfig, TransferConfig
+from cluster.engine.worker import ACTOR_CONCURRENCY
+from cluster.models.tokenizer import load_serving_tokenizer
 from cluster.protocol import InstanceInfo
+from decode_worker.colocated import ColocatedWorker
+from decode_worker.worker import DecodeWorker
+from prefill_worker.worker import PrefillWorker
+from router.instances import Instance
+from router.metrics import RouterMetrics
+from router.router import Router
+from router.server import DisaggServeServicer, start_grpc_server
+from router.validation import Limits
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +36,6 @@ def _say(message: str) -> None:
 
 
 def init_ray(config: ServeConfig) -> None:
-    import ray
-
     if ray.is_initialized():
         return
     if config.address:
@@ -46,8 +60,6 @@ def init_ray(config: ServeConfig) -> None:
 
 def check_pool_resources(config: ServeConfig) -> None:
     """On a real cluster, fail fast (not hang) when no node advertises a pool's resource."""
-    import ray
-
     available = ray.cluster_resources()
     for pool in config.pools:
         if not pool.resource or pool.num_instances == 0:
@@ -60,10 +72,20 @@ def check_pool_resources(config: ServeConfig) -> None:
                 f"ray start --resources='{{\"{pool.resource}\": N}}'")
 
 
-def load_tokenizer(model: str):
-    from transformers import AutoTokenizer
+WORKER_CLASSES = {"colocated": ColocatedWorker, "prefill": PrefillWorker, "decode": DecodeWorker}
 
-    return AutoTokenizer.from_pretrained(model)
+
+def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig,
+                 spec: SpecConfig | None = None):
+    """Start one worker actor of `pool` (returns its handle at once; call info() to wait)."""
+    resources = {pool.resource: 1} if pool.resource else None
+    actor_cls = ray.remote(WORKER_CLASSES[pool.role])
+    return actor_cls.options(
+        num_cpus=pool.num_cpus,
+        num_gpus=pool.num_gpus,
+        resources=resources,
+        max_concurrency=ACTOR_CONCURRENCY,
+    ).remote(config, instance_id, transfer, spec)
 
 
 @dataclass
@@ -76,8 +98,6 @@ class RunningCluster:
     metrics_server: object | None = None
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        import ray
-
         await self.server.stop(grace_s)
         await self.router.stop()
         for actor in self.router.actors():
@@ -92,15 +112,6 @@ class RunningCluster:
 
 async def start_cluster(config: ServeConfig) -> RunningCluster:
     """Spawn every pool's actors, wait for their engines, start the router. Call in an event loop."""
-    import ray
-
-    from cluster.worker import spawn_worker
-    from router.instances import Instance
-    from router.metrics import RouterMetrics
-    from router.router import Router
-    from router.server import DisaggServeServicer, start_grpc_server
-    from router.validation import Limits
-
     init_ray(config)
     actors, ids = [], []
     for pool in config.pools:
@@ -138,7 +149,7 @@ async def start_cluster(config: ServeConfig) -> RunningCluster:
     def respawn(info: InstanceInfo):
         return spawn_worker(config.engine, pools[info.role], info.instance_id, config.transfer, config.spec)
 
-    router = Router(config.router, instances, load_tokenizer(config.engine.tokenizer or config.engine.model),
+    router = Router(config.router, instances, load_serving_tokenizer(config.engine.tokenizer or config.engine.model),
                     metrics, respawn=respawn, migration=config.migration)
     router.start()
     max_prompt = config.router.max_prompt_tokens or first.max_model_len - 1
@@ -173,7 +184,5 @@ async def serve_until_signal(config: ServeConfig) -> None:
     await stop.wait()
     _say("shutting down")
     await cluster.stop()
-    import ray
-
     ray.shutdown()
     _say("stopped")

@@ -1,8 +1,9 @@
-"""EngineWorker: the Ray actor around one EngineLoop.
+"""EngineWorker: the Ray actor around one EngineLoop, the base of every role's worker.
 
-A colocated worker (both phases, plain vLLM) is this actor with role "colocated"; it is the
-baseline of every benchmark and a serving mode of its own. The prefill and decode workers
-(prefill_worker/, decode_worker/) extend it with a KV transfer agent.
+The roles' workers add to it: `decode_worker.colocated.ColocatedWorker` (both phases in one
+plain vLLM engine, the baseline of every benchmark), `prefill_worker.worker.PrefillWorker` and
+`decode_worker.worker.DecodeWorker` (with KVWorkerMixin's transfer agent). This module knows
+none of them: the launcher maps a role to its class. It must never import a role's package.
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ from __future__ import annotations
 import logging
 import os
 
-from cluster import vllm_adapter as va
-from cluster.config import EngineConfig, PoolConfig, SpecConfig, TransferConfig
-from cluster.engine import EngineLoop
+import ray
+
+from cluster.config import EngineConfig, SpecConfig, TransferConfig
+from cluster.engine import vllm_adapter as va
+from cluster.engine.loop import EngineLoop
+from cluster.kv.agent import KVTransferAgent, register_agent
+from cluster.kv.transports import make_transport
 from cluster.protocol import EngineRequest, InstanceInfo, LoadReport, StepBatch
 
 log = logging.getLogger(__name__)
@@ -22,7 +27,7 @@ ACTOR_CONCURRENCY = 16
 
 
 class EngineWorker:
-    role = "colocated"
+    role = ""  # set by each role's subclass
 
     def __init__(self, config: EngineConfig, instance_id: str, transfer: TransferConfig | None = None,
                  spec: SpecConfig | None = None):
@@ -38,38 +43,23 @@ class EngineWorker:
         kv_config = None
         if self.agent is not None:
             kv_config = va.kv_transfer_config(self.role, self.agent.agent_id, self.transfer.failure_policy)
-        speculative = self._speculative_config()
+        speculative = None
+        if self.spec.enabled:
+            speculative = va.speculative_config(self.spec.draft_model, self.spec.num_speculative_tokens)
         self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, agent=self.agent,
                                speculative=speculative)
         if speculative is not None:
             self.loop.spec_stats = self._install_spec_policy()
 
-    def _make_agent(self):
-        return None  # colocated engines move no KV
-
-    def _tetris_config(self):
-        from decode_worker.tetris import TetrisConfig
-
-        s = self.spec
-        return TetrisConfig(k=s.k, extra=s.extra, capacity=s.capacity, min_batch_size=s.min_batch_size,
-                            enabled=s.tetris)
-
-    def _speculative_config(self) -> dict | None:
-        if not self.spec.enabled:
-            return None
-        from decode_worker.spec_adapter import speculative_config
-
-        return speculative_config(self.spec.draft_model, self._tetris_config())
+    def _make_agent(self) -> KVTransferAgent | None:
+        return None  # an engine that moves no KV
 
     def _install_spec_policy(self):
-        """TETRIS (or, with --no-tetris, plain window k over the same k+e proposals)."""
-        from decode_worker.spec_adapter import install_tetris
-
-        return install_tetris(self.loop.engine, self._tetris_config())
+        """The draft-selection policy of a speculating engine and its stats object (None: vLLM's
+        own window of k + e drafts). Decode-side workers install TETRIS here."""
+        return None
 
     def info(self) -> InstanceInfo:
-        import ray
-
         engine = self.loop.engine
         tokenizer_eos = engine.model_config.hf_config.eos_token_id
         eos = tokenizer_eos if isinstance(tokenizer_eos, list) else [tokenizer_eos]
@@ -108,12 +98,9 @@ class EngineWorker:
             self.agent.shutdown()
 
 
-def _make_kv_agent(instance_id: str, transfer: TransferConfig):
-    from cluster.kv_agent import KVTransferAgent, register_agent
-    from cluster.kv_transport import make_transport
 
-    import ray
-
+def make_kv_agent(instance_id: str, transfer: TransferConfig) -> KVTransferAgent:
+    """The transfer agent of a worker that moves KV, registered where vLLM's connector finds it."""
     node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     agent = KVTransferAgent(instance_id, make_transport(transfer.transport, instance_id, node_id),
                             timeout_s=transfer.timeout_s,
@@ -126,7 +113,7 @@ class KVWorkerMixin:
     """What every worker that moves KV exposes: export and release of held blocks."""
 
     def _make_agent(self):
-        return _make_kv_agent(self.instance_id, self.transfer)
+        return make_kv_agent(self.instance_id, self.transfer)
 
     def kv_export(self, transfer_id: str) -> dict | None:
         return self.agent.export(transfer_id)
@@ -142,30 +129,3 @@ class KVWorkerMixin:
 
     def kv_nccl_send(self, key: str, transfer_id: str) -> bool:
         return self.agent.nccl_send(key, transfer_id)
-
-
-def worker_class(role: str):
-    if role == "prefill":
-        from prefill_worker.worker import PrefillWorker
-
-        return PrefillWorker
-    if role == "decode":
-        from decode_worker.worker import DecodeWorker
-
-        return DecodeWorker
-    return EngineWorker
-
-
-def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig,
-                 spec: SpecConfig | None = None):
-    """Start one worker actor of `pool` (returns its handle at once; call info() to wait)."""
-    import ray
-
-    resources = {pool.resource: 1} if pool.resource else None
-    actor_cls = ray.remote(worker_class(pool.role))
-    return actor_cls.options(
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
-        resources=resources,
-        max_concurrency=ACTOR_CONCURRENCY,
-    ).remote(config, instance_id, transfer, spec)

@@ -10,28 +10,18 @@ from __future__ import annotations
 import os
 
 from cluster.config import EngineConfig
+from cluster.engine.vllm_cpu_fix import fix_cpu_expand_kernel
+from cluster.engine.vllm_pin import check_vllm_version
 from cluster.protocol import Sampling
 
-PINNED_VLLM_VERSION = "0.32.0"
 GIB = 1 << 30
-
-
-def check_vllm_version() -> str:
-    import vllm
-
-    if vllm.__version__ != PINNED_VLLM_VERSION:
-        raise RuntimeError(
-            f"disagg-serve is pinned to vLLM {PINNED_VLLM_VERSION} (engine internals are read "
-            f"directly), but vLLM {vllm.__version__} is installed"
-        )
-    return vllm.__version__
 
 
 def kv_transfer_config(role: str, agent_id: str, failure_policy: str):
     """vLLM's KVTransferConfig that loads our connector for a prefill or decode engine."""
     from vllm.config import KVTransferConfig
 
-    from cluster.kv_connector import CONNECTOR_CLASS, CONNECTOR_MODULE
+    from cluster.kv.connector import CONNECTOR_CLASS, CONNECTOR_MODULE  # imports vLLM itself
 
     return KVTransferConfig(
         kv_connector=CONNECTOR_CLASS,
@@ -40,6 +30,14 @@ def kv_transfer_config(role: str, agent_id: str, failure_policy: str):
         kv_connector_extra_config={"agent_id": agent_id},
         kv_load_failure_policy=failure_policy,
     )
+
+
+def speculative_config(draft_model: str, num_speculative_tokens: int, **extra) -> dict:
+    """vLLM's ``speculative_config`` engine argument for draft-model speculative decoding; the
+    draft's probabilities are kept ("probabilistic") because TETRIS ranks with them."""
+    return {"method": "draft_model", "model": draft_model,
+            "num_speculative_tokens": num_speculative_tokens,
+            "draft_sample_method": "probabilistic", **extra}
 
 
 def build_engine(config: EngineConfig, kv_transfer=None, speculative: dict | None = None):
@@ -57,8 +55,6 @@ def build_engine(config: EngineConfig, kv_transfer=None, speculative: dict | Non
     if kv_transfer is not None:
         kwargs["kv_transfer_config"] = kv_transfer
     if speculative is not None:
-        from decode_worker.spec_adapter import fix_cpu_expand_kernel
-
         fix_cpu_expand_kernel()  # vLLM 0.32 CPU: sampled verification is garbage without it
         kwargs["speculative_config"] = speculative
         # Draft lists reach the scheduler (where TETRIS trims them) only without async scheduling.

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.benchmarks.common import corpus_prompts, write_results
+from cluster.bench.studies.common import corpus_prompts, write_results
 from cluster.client import AsyncClient
 from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
 from cluster.protocol import EngineRequest, Sampling
@@ -50,8 +50,9 @@ async def _local_round(actors, prompts, output_len: int, tag: str) -> dict:
 async def _run(args) -> dict:
     import ray
 
-    from cluster.cli import demo_target
-    from cluster.launcher import load_tokenizer, start_cluster
+    from cluster.entrypoints.cli import demo_target
+    from cluster.entrypoints.launcher import start_cluster
+    from cluster.models.tokenizer import load_serving_tokenizer
 
     model = args.model or demo_target()
     config = ServeConfig(engine=EngineConfig(model=model, cpu_kv_cache_gib=0.5),
@@ -59,7 +60,7 @@ async def _run(args) -> dict:
                          pools=(PoolConfig("colocated", args.instances),))
     cluster = await start_cluster(config)
     try:
-        prompts = corpus_prompts(load_tokenizer(model), args.num_requests, args.input_len)
+        prompts = corpus_prompts(load_serving_tokenizer(model), args.num_requests, args.input_len)
         address = f"127.0.0.1:{cluster.port}"
         await _grpc_round(address, prompts[:4], 8)  # warm-up both paths
         await _local_round(cluster.actors, prompts[:4], 8, "warm")

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import sys
 
-from cluster.benchmarks.common import write_results
+from cluster.bench.studies.common import write_results
 from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
 
 SETUPS = {
@@ -34,8 +34,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 async def _sweep(label: str, pools, model: str, args) -> list[dict]:
     import ray
 
-    from cluster.bench import BenchConfig, run_benchmark
-    from cluster.launcher import start_cluster
+    from cluster.bench.harness import BenchConfig, run_benchmark
+    from cluster.entrypoints.launcher import start_cluster
 
     config = ServeConfig(engine=EngineConfig(model=model, cpu_kv_cache_gib=0.5),
                          router=RouterConfig(host="127.0.0.1", port=0), pools=pools)
@@ -61,8 +61,8 @@ async def _sweep(label: str, pools, model: str, args) -> list[dict]:
 
 
 def main(args) -> int:
-    from cluster.bench import compare_table, sweep_plot
-    from cluster.cli import demo_target
+    from cluster.bench.harness import compare_table, sweep_plot
+    from cluster.entrypoints.cli import demo_target
 
     model = args.model or demo_target()
     runs = {label: asyncio.run(_sweep(label, pools, model, args)) for label, pools in SETUPS.items()}

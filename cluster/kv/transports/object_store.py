@@ -8,8 +8,8 @@ ports, and Ray's own deadlines and failure detection apply.
 
 from __future__ import annotations
 
-from cluster.kv_layout import KVCacheView
-from cluster.kv_transport import KVTransport, SourceRef, TransferError, ask_source, tensor_from_wire
+from cluster.kv.layout import KVCacheView
+from cluster.kv.transports.base import KVTransport, SourceRef, TransferError, ask_source, tensor_from_wire
 
 
 class RayObjectTransport(KVTransport):

@@ -17,9 +17,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from cluster.kv_layout import KVCacheView, blocks_for_tokens
-from cluster.kv_migration import MigrationLedger
-from cluster.kv_transport import KVTransport, SourceRef, tensor_to_wire
+from cluster.kv.layout import KVCacheView, blocks_for_tokens
+from cluster.kv.migration_ledger import MigrationLedger
+from cluster.kv.transports.base import KVTransport, SourceRef, tensor_to_wire
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class KVTransferAgent:
 
     def export_shm(self, transfer_id: str) -> dict | None:
         """The held blocks of `transfer_id`, gathered into a shared-memory segment (same host)."""
-        from cluster.kv_transport_shm import ShmPool, export_to_shm
+        from cluster.kv.transports.shm import ShmPool, export_to_shm
 
         blocks = self.held_blocks(transfer_id)
         if blocks is None or self.cache is None:
@@ -166,14 +166,14 @@ class KVTransferAgent:
         during a migration's pre-copy, so the tail's export inside the downtime is fast)."""
         if self.transport.name not in ("auto", "shm"):
             return
-        from cluster.kv_transport_shm import ShmPool
+        from cluster.kv.transports.shm import ShmPool
 
         if self._shm_pool is None:
             self._shm_pool = ShmPool()
         self._shm_pool.keep_free(spare_segments)
 
     def nccl_join(self, key: str, unique_id, signature) -> bool:
-        from cluster.kv_transport_nccl import NcclSource
+        from cluster.kv.transports.nccl import NcclSource
 
         if self._nccl_source is None:
             self._nccl_source = NcclSource()

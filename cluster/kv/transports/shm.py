@@ -16,8 +16,8 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 import torch
 
-from cluster.kv_layout import KVCacheView
-from cluster.kv_transport import KVTransport, SourceRef, TransferError, ask_source
+from cluster.kv.layout import KVCacheView
+from cluster.kv.transports.base import KVTransport, SourceRef, TransferError, ask_source
 
 MIN_SEGMENT_BYTES = 64 << 20
 
@@ -129,22 +129,3 @@ class SharedMemoryTransport(KVTransport):
             return _scatter_from(seg, meta, cache, block_ids)
         finally:
             seg.close()  # the views into it are gone by now
-
-
-class AutoTransport(KVTransport):
-    """Shared memory when source and destination share a host, Ray's object store otherwise."""
-
-    name = "auto"
-
-    def __init__(self, node_id: str):
-        from cluster.kv_transport_ray import RayObjectTransport
-
-        self.node_id = node_id
-        self.local = SharedMemoryTransport()
-        self.remote = RayObjectTransport()
-
-    def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
-              timeout_s: float) -> int:
-        same_host = source.node_id is not None and source.node_id == self.node_id
-        transport = self.local if same_host and cache.device.type == "cpu" else self.remote
-        return transport.fetch(source, transfer_id, cache, block_ids, timeout_s)

@@ -5,12 +5,12 @@ A study is a module with add_args(parser) and main(args), or "module:NAME" where
 object of that module with those two (one module holding several studies)."""
 
 STUDIES = {
-    "grpc-overhead": "cluster.benchmarks.grpc_overhead",
-    "kv-transport": "cluster.benchmarks.kv_transport",
-    "disagg-vs-colocated": "cluster.benchmarks.disagg_vs_colocated",
-    "tetris": "cluster.benchmarks.tetris",
-    "migration-downtime": "cluster.benchmarks.migration:DOWNTIME",
-    "migration-skew": "cluster.benchmarks.migration:SKEW",
+    "grpc-overhead": "cluster.bench.studies.grpc_overhead",
+    "kv-transport": "cluster.bench.studies.kv_transport",
+    "disagg-vs-colocated": "cluster.bench.studies.disagg_vs_colocated",
+    "tetris": "cluster.bench.studies.tetris",
+    "migration-downtime": "cluster.bench.studies.migration:DOWNTIME",
+    "migration-skew": "cluster.bench.studies.migration:SKEW",
 }
 
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cluster.kv_layout import KVCacheView, LayerLayout
-from cluster.kv_transport import KVTransport, SourceRef, TransferError
+from cluster.kv.layout import KVCacheView, LayerLayout
+from cluster.kv.transports.base import KVTransport, SourceRef, TransferError
 
 SOURCE_RANK, DEST_RANK = 0, 1
 

@@ -1,6 +1,6 @@
 """The KV transport interface: how a request's KV blocks move from a source engine to a
-destination engine. One implementation per module: kv_transport_ray (CPU, any host) and
-kv_transport_nccl (GPU, CuPy's NCCL binding).
+destination engine. The implementations live beside this module, one per module; the factory
+that picks one by name is the package's `__init__`.
 
 The destination drives a transfer (pull): it has allocated blocks for the request, asks the
 source actor for the request's blocks, and writes them into its own cache. Either way the
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cluster.kv_layout import KVCacheView
+from cluster.kv.layout import KVCacheView
 
 
 class TransferError(RuntimeError):
@@ -81,23 +81,3 @@ def tensor_from_wire(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> to
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.from_numpy(data)
     return raw.view(getattr(torch, dtype)).reshape(shape)
-
-
-def make_transport(name: str, instance_id: str, node_id: str | None = None) -> KVTransport:
-    if name == "auto":
-        from cluster.kv_transport_shm import AutoTransport
-
-        return AutoTransport(node_id)
-    if name == "shm":
-        from cluster.kv_transport_shm import SharedMemoryTransport
-
-        return SharedMemoryTransport()
-    if name == "ray":
-        from cluster.kv_transport_ray import RayObjectTransport
-
-        return RayObjectTransport()
-    if name == "nccl":
-        from cluster.kv_transport_nccl import NcclTransport
-
-        return NcclTransport(instance_id)
-    raise ValueError(f"unknown KV transport {name!r} (auto, shm, ray, nccl)")

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from cluster.benchmarks.common import corpus_prompts, write_results
+from cluster.bench.studies.common import corpus_prompts, write_results
 from cluster.config import EngineConfig, MigrationConfig, PoolConfig, RouterConfig, ServeConfig
 
 MODES = ("live", "stop_copy", "recompute")
@@ -189,8 +189,8 @@ def format_phase_table(summary: dict, modes=MODES) -> str:
 
 
 def latency_stats(records) -> dict:
-    """p50/p99 TPOT, p99 E2E (ms) and counts of a set of cluster.bench RequestRecords."""
-    from cluster.bench import summarize
+    """p50/p99 TPOT, p99 E2E (ms) and counts of a set of cluster.bench.harness RequestRecords."""
+    from cluster.bench.harness import summarize
 
     done = [r for r in records if r.ok]
     tpot = summarize(r.tpot_s for r in done if r.tpot_s is not None)
@@ -239,7 +239,7 @@ class _Stream:
 
     def __init__(self, client, request_id: str, prompt, max_tokens: int, priority: int = 0,
                  t0: float | None = None):
-        from cluster.bench import RequestRecord
+        from cluster.bench.harness import RequestRecord
 
         self.request_id = request_id
         self.t0 = time.perf_counter() if t0 is None else t0
@@ -414,7 +414,7 @@ async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) 
     import ray
 
     from cluster.client import AsyncClient
-    from cluster.launcher import start_cluster
+    from cluster.entrypoints.launcher import start_cluster
 
     bpt = model_kv_bytes_per_token(model, args.dtype)
     block = args.block_size or None
@@ -533,7 +533,7 @@ def downtime_main(args) -> int:
         raise SystemExit(f"--modes: a comma list of {MODES} that includes live")
     model = args.model
     if model is None:
-        from cluster.models import default_models_dir, write_random_model
+        from cluster.models.demo import default_models_dir, write_random_model
 
         model = str(write_random_model(default_models_dir(), "kv-heavy"))
     results = asyncio.run(_downtime_run(args, model, lengths, modes))
@@ -655,7 +655,7 @@ async def _skew_once(label: str, rep: int, model: str, args, migration: Migratio
     import ray
 
     from cluster.client import AsyncClient
-    from cluster.launcher import start_cluster
+    from cluster.entrypoints.launcher import start_cluster
 
     config = _serve_config(model, args.input_len + args.output_len + 16, kv_gib, args.block_size, migration,
                            args.dtype)
@@ -782,19 +782,19 @@ def plot_skew(results: dict, path) -> None:
 
 
 def skew_main(args) -> int:
-    from cluster.launcher import load_tokenizer
+    from cluster.models.tokenizer import load_serving_tokenizer
 
     if args.quick:
         args.burst, args.input_len, args.output_len, args.repeats = 8, 256, 256, 1
     if args.model is None:
-        from cluster.models import build_demo_models
+        from cluster.models.demo import build_demo_models
 
         args.model = str(build_demo_models() / "target")
     model = args.model
     bpt = model_kv_bytes_per_token(model, args.dtype)
     prompt_tokens = args.burst * (args.input_len + 1 + args.block_size)  # whole blocks, first token
     kv_gib = args.kv_cache_gib or round(cache_gib(int(prompt_tokens / args.fill), bpt, args.block_size), 4)
-    prompts = corpus_prompts(load_tokenizer(model), args.burst, args.input_len, seed=args.seed)
+    prompts = corpus_prompts(load_serving_tokenizer(model), args.burst, args.input_len, seed=args.seed)
     high = high_priority_indices(args.burst, args.high_priority_fraction)
     base = MigrationConfig(enabled=True, interval_s=args.interval_s)
     setups = {

@@ -15,7 +15,7 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cluster import vllm_adapter as va
+from cluster.engine import vllm_adapter as va
 from cluster.config import EngineConfig
 from cluster.protocol import EngineRequest, LoadReport, StepBatch, TokenDelta
 
