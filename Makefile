@@ -28,17 +28,19 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -ra $(PYTEST_ARGS) tests
 
+# Everything that starts no Ray node and no vLLM engine (under a minute).
 test-unit: install
-	$(BIN)/python -m pytest -ra tests/unit tests/deploy
+	$(BIN)/python -m pytest -ra -m "not integration" tests
 
 test-integration: install
-	$(BIN)/python -m pytest -ra tests/integration
+	$(BIN)/python -m pytest -ra -m integration tests
 
 proto: install
 	$(BIN)/python proto/generate.py
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/python -m tests.unit.test_import_layers
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

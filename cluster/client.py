@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
@@ -107,8 +108,6 @@ def _channel_args(auth_token: str | None, tls_ca: str | None):
     if not tls_ca and not auth_token:
         return None
     if tls_ca:
-        from pathlib import Path
-
         creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
     else:
         creds = grpc.local_channel_credentials()

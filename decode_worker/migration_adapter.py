@@ -5,12 +5,13 @@ straight from the block pool as a reservation (no request owns them, so stages c
 them while the engine keeps stepping), and at commit hand them to the new request as its first
 blocks, so committing costs no copy however long the sequence is.
 
-Every function runs on the engine's loop thread. tests/unit/test_migration_adapter.py breaks
+Every function runs on the engine's loop thread. tests/unit/decode_worker/test_migration_adapter.py breaks
 loudly if the attributes used here move.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 from cluster.engine import vllm_adapter as va
@@ -97,8 +98,6 @@ def adopt_blocks(engine, internal_id: str, blocks: list) -> None:
 
 def check_migration_internals() -> None:
     """Fails loudly if the vLLM attributes used above moved."""
-    import inspect
-
     from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.kv_cache_coordinator import KVCacheCoordinator
     from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager

@@ -35,7 +35,7 @@ The adapter patches four *instance* attributes (never a class):
   vLLM's ``SpecDecodingStats`` too when the engine logs stats.
 
 ``check_vllm_internals()`` asserts every attribute, signature and source fact used here and
-names what moved.  See ``tests/unit/test_spec_adapter_pins.py``.
+names what moved.  See ``tests/unit/decode_worker/test_spec_adapter.py``.
 
 ``fix_cpu_expand_kernel()`` (``cluster/engine/vllm_cpu_fix.py``, called by ``install_tetris``
 and by every engine that speculates) works around a vLLM 0.32.0 CPU bug that makes sampled
@@ -58,9 +58,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
-from cluster.engine.vllm_pin import PINNED_VLLM_VERSION, VllmInternalsError, check_vllm_version
 from cluster.engine.vllm_cpu_fix import cpu_fix_problems, fix_cpu_expand_kernel
+from cluster.engine.vllm_pin import PINNED_VLLM_VERSION, VllmInternalsError, check_vllm_version
 from decode_worker.tetris import TetrisConfig, plan
 
 __all__ = [
@@ -356,8 +357,6 @@ class _TetrisState:
             if self.greedy_log_probs is not None:
                 self.greedy_log_probs.append(None)
             return ids
-        import torch
-
         # vLLM 0.32.0's default branch: compute_logits(hidden_states).argmax(dim=-1).
         logits = drafter.model.compute_logits(hidden_states)
         ids = logits.argmax(dim=-1)
@@ -374,8 +373,6 @@ class _TetrisState:
     def _draft_log_probs(self, req_ids: list[str], drafts: list[list[int]], live: list[int]):
         """``[len(live), K]`` float64 log-probs of the proposed tokens of the rows ``live``
         of the batch ``req_ids`` (the runner's row order), and their source; or None."""
-        import torch
-
         width = max((len(drafts[i]) for i in live), default=0)
         probs, prob_ids = self.runner._draft_probs, self.runner._draft_prob_req_ids
         if probs is not None and prob_ids is not None:
@@ -427,7 +424,7 @@ class _TetrisState:
         drafts = [list(d) for d in out.draft_token_ids]
         if not req_ids:
             return out
-        useful = [self._useful_length(r, len(d)) for r, d in zip(req_ids, drafts)]
+        useful = [self._useful_length(r, len(d)) for r, d in zip(req_ids, drafts, strict=True)]
         live = [i for i, u in enumerate(useful) if u >= 0]
         lengths = [0] * len(req_ids)
         source = "window"
@@ -444,9 +441,9 @@ class _TetrisState:
             else:
                 chosen = plan(log_probs, config, valid_lengths=valid)
                 capacity = config.capacity_for(n)
-            for i, length in zip(live, chosen.tolist()):
+            for i, length in zip(live, chosen.tolist(), strict=True):
                 lengths[i] = int(length)
-        trimmed = [d[:length] for d, length in zip(drafts, lengths)]
+        trimmed = [d[:length] for d, length in zip(drafts, lengths, strict=True)]
         record = StepRecord(
             num_requests=n, capacity=capacity,
             proposed=sum(len(drafts[i]) for i in live), planned=sum(lengths),

@@ -15,10 +15,10 @@ Live migration (the router's coordinator, router/migration.py, drives these step
 
 from __future__ import annotations
 
+from cluster.engine.worker import EngineWorker, KVWorkerMixin
 from cluster.kv.layout import blocks_for_tokens
 from cluster.kv.transports.base import SourceRef
 from cluster.protocol import EngineRequest, stage_transfer_id, tail_transfer_id
-from cluster.engine.worker import EngineWorker, KVWorkerMixin
 from decode_worker import migration_adapter as ma
 from decode_worker.speculation import TetrisMixin
 

@@ -31,7 +31,8 @@ def serve_argv(command: list[str]) -> list[str]:
     elif len(command) >= 3 and command[1:3] == ["-m", "cluster.entrypoints.cli"]:
         rest = command[3:]
     else:
-        raise ValueError(f"expected `disagg-serve up ...` or `python -m cluster.entrypoints.cli up ...`, got {command!r}")
+        raise ValueError("expected `disagg-serve up ...` or `python -m cluster.entrypoints.cli up ...`, "
+                         f"got {command!r}")
     if not rest or rest[0] != "up":
         raise ValueError(f"expected the `up` command, got {command!r}")
     return rest

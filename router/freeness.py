@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 from cluster.config import FreenessConfig
 
+
 @dataclass(frozen=True)
 class InstanceView:
     """One decode instance's load, as the router last saw it."""

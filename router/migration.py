@@ -98,7 +98,7 @@ class MigrationCoordinator:
             await self._commit(rec, state, src, dst, engine_id, staged, stopped_info, mode)
         except MigrationAborted as exc:
             self._abort(rec, state, src, dst, engine_id, exc.reason, stopped)
-        except Exception as exc:  # a dead or hung actor, a transfer failure, a bug
+        except Exception as exc:  # noqa: BLE001 - a dead or hung actor, a transfer failure, a bug: abort cleanly
             key = "source_failed" if not stopped and self._source_gone(state, src, engine_id) else (
                 "destination_failed")
             self._abort(rec, state, src, dst, engine_id, f"{key}: {type(exc).__name__}: {exc}", stopped)

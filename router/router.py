@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+import ray
 
 from cluster.config import MigrationConfig, RouterConfig
 from cluster.kv.layout import blocks_for_tokens
@@ -475,7 +476,8 @@ class Router:
                 raise RequestError(grpc.StatusCode.NOT_FOUND, f"no instance {target!r}")
             if dst.role != "decode" or not dst.ready:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"instance {target!r} is not a ready decode instance ({dst.role}, {dst.state.value})")
+                                   f"instance {target!r} is not a ready decode instance "
+                                   f"({dst.role}, {dst.state.value})")
             if dst is src:
                 raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"request {state.request_id!r} already runs on {target!r}")
@@ -579,7 +581,7 @@ class Router:
             await asyncio.sleep(self.migration_config.interval_s)
             try:
                 self.balance_once()
-            except Exception:  # never let one bad round stop the balancing
+            except Exception:
                 log.exception("migration pairing round failed")
 
     def balance_once(self) -> list[tuple[str, str, str]]:
@@ -596,7 +598,8 @@ class Router:
                         or state.migration_backoff_until > now):
                     continue
                 num_tokens = len(state.request.prompt_token_ids) + len(state.output_token_ids)
-                candidates.append(RequestView(request_id, src_id, blocks_for_tokens(num_tokens + 1, src.info.block_size),
+                num_blocks = blocks_for_tokens(num_tokens + 1, src.info.block_size)
+                candidates.append(RequestView(request_id, src_id, num_blocks,
                                               num_tokens, state.request.priority, now - state.arrival))
             chosen = select_request(candidates, self.freeness, available_blocks(views[dst_id], self.freeness),
                                     source_draining=views[src_id].draining)
@@ -626,7 +629,7 @@ class Router:
                                                timeout=wait_s + self.config.actor_call_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a poll that fails in any way means the instance is gone
                 self._mark_dead(inst, f"poll failed: {type(exc).__name__}: {exc}")
                 return
             inst.load = batch.load
@@ -655,12 +658,10 @@ class Router:
 
     async def _respawn(self, inst: Instance) -> None:
         """Replaces a dead instance with a fresh actor of the same pool; it rejoins when ready."""
-        import ray
-
         try:
             ray.kill(inst.actor)  # a hung actor must not come back to life half-way
-        except Exception:
-            pass
+        except ray.exceptions.RayError as exc:
+            log.debug("killing dead instance %s: %s", inst.instance_id, exc)
         delay = 1.0
         while not self._stopping:
             inst.state = InstanceState.STARTING
@@ -669,7 +670,7 @@ class Router:
                 info = await asyncio.wait_for(actor.info.remote(), timeout=self.config.startup_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any start-up failure: retry with backoff
                 log.error("respawning %s failed (%s); retrying in %.0fs", inst.instance_id, exc, delay)
                 inst.state = InstanceState.DEAD
                 await asyncio.sleep(delay)

@@ -28,7 +28,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, details):
         if details.method.startswith(OPEN_METHOD_PREFIXES):
             return await continuation(details)
-        metadata = {k: v for k, v in (details.invocation_metadata or ())}
+        metadata = dict(details.invocation_metadata or ())
         given = metadata.get("authorization", "")
         given = given.encode() if isinstance(given, str) else given
         if hmac.compare_digest(given, self._expected):

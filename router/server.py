@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from proto import disagg_pb2 as pb
 from router.errors import RequestError
 from router.migration_types import DrainResult, MigrationRecord
+from router.security import BearerTokenInterceptor, server_credentials
 from router.validation import Limits, validate
 
 if TYPE_CHECKING:  # annotations only: the servicer needs nothing else of the router module
@@ -45,7 +46,7 @@ def _safe_parser(message_cls):
     def parse(data: bytes):
         try:
             return message_cls.FromString(data)
-        except Exception as exc:  # DecodeError, invalid UTF-8 in a string field, ...
+        except Exception as exc:  # noqa: BLE001 - hostile bytes: DecodeError, invalid UTF-8, ...
             return _Unparsable(exc)
 
     return parse
@@ -256,8 +257,6 @@ async def start_grpc_server(servicer: DisaggServeServicer, host: str, port: int,
                             max_concurrent_rpcs: int | None = None, tls: tuple[str, str] | None = None,
                             auth_token: str | None = None) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (port 0 picks a free one)."""
-    from router.security import BearerTokenInterceptor, server_credentials
-
     interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
     server = grpc.aio.server(
         interceptors=interceptors,

@@ -15,8 +15,8 @@ import traceback
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cluster.engine import vllm_adapter as va
 from cluster.config import EngineConfig
+from cluster.engine import vllm_adapter as va
 from cluster.protocol import EngineRequest, LoadReport, StepBatch, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class EngineLoop:
                     open_ids.discard(delta.request_id)
         except queue.Empty:
             self.abort(open_ids)
-            raise TimeoutError(f"{len(open_ids)} local requests unfinished after {timeout_s}s")
+            raise TimeoutError(f"{len(open_ids)} local requests unfinished after {timeout_s}s") from None
         finally:
             for r in requests:
                 self._local_sinks.pop(r.request_id, None)
@@ -245,7 +245,7 @@ class EngineLoop:
                 if cmd.future.set_running_or_notify_cancel():
                     try:
                         cmd.future.set_result(cmd.fn(self))
-                    except Exception as exc:  # the caller gets it; the loop goes on
+                    except Exception as exc:  # noqa: BLE001 - the caller gets whatever it was; the loop goes on
                         cmd.future.set_exception(exc)
 
     def _add(self, request: EngineRequest) -> None:
@@ -256,7 +256,7 @@ class EngineLoop:
                 va.to_sampling_params(request.sampling, request.kv_transfer),
                 priority=-request.priority,  # vLLM serves lower values first
             )
-        except Exception as exc:  # vLLM rejected it: report, keep serving the rest
+        except Exception as exc:  # noqa: BLE001 - whatever vLLM rejects one request with must not stop the engine
             self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))])
             return
         self._live.add(request.request_id)

@@ -1,7 +1,7 @@
 """Every touch of vLLM internals for the engine wrapper, pinned to one vLLM version.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) so the step loop can read the
-scheduler and block pool directly. tests/unit/test_vllm_adapter.py breaks loudly if these
+scheduler and block pool directly. tests/unit/cluster/engine/test_vllm_adapter.py breaks loudly if these
 attributes move.
 """
 

@@ -2,7 +2,7 @@
 that version. Every engine that speculates on CPU needs it (ours and the plain baselines), so
 it lives with the engine adapter, not with TETRIS.
 
-`cpu_fix_problems()` names what moved when vLLM changes; tests/unit/test_spec_adapter_pins.py
+`cpu_fix_problems()` names what moved when vLLM changes; tests/unit/decode_worker/test_spec_adapter.py
 calls it through decode_worker.spec_adapter.check_vllm_internals().
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+
+import torch
 
 from cluster.engine.vllm_pin import VllmInternalsError
 
@@ -29,8 +31,6 @@ def _expand_kernel_impl_fixed(output, input_val, cu_num_tokens, replace_from, re
     Same signature as vLLM's ``cpu_triton_utils._expand_kernel_impl`` (so the kernel
     dispatcher binds it the same way), written in torch.
     """
-    import torch
-
     cu = cu_num_tokens.to(torch.int64)
     if cu.numel() == 0:
         return

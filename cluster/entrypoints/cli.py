@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
 
-from cluster.entrypoints.status_format import format_drain, format_migration, format_status_table
+import grpc
+
+from cluster.bench.studies import STUDIES, load_study
+from cluster.client import Client, status_to_dict
 from cluster.config import (
     KV_FAILURE_POLICIES,
     KV_TRANSPORTS,
@@ -20,6 +24,13 @@ from cluster.config import (
     SpecConfig,
     TransferConfig,
 )
+from cluster.entrypoints.config_file import ConfigFileError, load_config_file
+from cluster.entrypoints.status_format import format_drain, format_migration, format_status_table
+from cluster.models.demo import build_demo_models, demo_draft, demo_target
+from cluster.models.random_weights import write_random_model
+
+# The commands that serve or measure (up, demo, bench, bench-suite) import their modules when they
+# run: those pull in Ray, torch and vLLM, and `status` or `generate` should answer in milliseconds.
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -167,8 +178,6 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
 
 
 def _client(args):
-    from cluster.client import Client
-
     return Client(args.server, auth_token=args.auth_token, tls_ca=args.tls_ca)
 
 
@@ -221,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_args(sub.add_parser("bench", help="benchmark a running server (vllm bench serve style)"))
 
-    suite = sub.add_parser("bench-suite", help="comparison studies (baseline vs new, same run)")
-    studies = suite.add_subparsers(dest="study", required=True)
-    from cluster.bench.studies import STUDIES, load_study
-
-    for name in STUDIES:
-        load_study(name).add_args(studies.add_parser(name))
+    # A study's own options are parsed once it is chosen (parse_args): building every study's
+    # parser would import them all, and with them Ray and torch, for every command.
+    suite = sub.add_parser("bench-suite", help="comparison studies (baseline vs new, same run)",
+                           description="`disagg-serve bench-suite STUDY --help` lists a study's options.")
+    suite.add_argument("study", choices=sorted(STUDIES))
+    suite.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's options")
 
     demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
     demo.add_argument("--colocated", type=int, default=0,
@@ -286,21 +295,7 @@ def serve_config_from_args(args) -> ServeConfig:
                        migration=migration_config_from_args(args), address=args.address)
 
 
-def demo_target() -> str:
-    from cluster.models.demo import build_demo_models
-
-    return str(build_demo_models() / "target")
-
-
-def demo_draft() -> str:
-    from cluster.models.demo import build_demo_models
-
-    return str(build_demo_models() / "draft")
-
-
 def cmd_up(args) -> int:
-    import asyncio
-
     from cluster.entrypoints.launcher import serve_until_signal
 
     asyncio.run(serve_until_signal(serve_config_from_args(args)))
@@ -308,8 +303,6 @@ def cmd_up(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import grpc
-
     with _client(args) as client:
         try:
             last = None
@@ -331,10 +324,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_status(args) -> int:
-    import grpc
-
-    from cluster.client import status_to_dict
-
     with _client(args) as client:
         try:
             status = status_to_dict(client.cluster_status())
@@ -346,8 +335,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_migrate(args) -> int:
-    import grpc
-
     with _client(args) as client:
         try:
             m = client.migrate(args.request_id, args.to)
@@ -359,8 +346,6 @@ def cmd_migrate(args) -> int:
 
 
 def cmd_drain(args) -> int:
-    import grpc
-
     with _client(args) as client:
         try:
             d = client.drain(args.instance, timeout_s=args.timeout, cancel=args.cancel)
@@ -372,15 +357,11 @@ def cmd_drain(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from cluster.models.demo import build_demo_models
-
     print(build_demo_models(args.dir))
     return 0
 
 
 def cmd_random_model(args) -> int:
-    from cluster.models.demo import write_random_model
-
     print(write_random_model(args.dir or os.path.join(os.getcwd(), "random-models"), args.preset, seed=args.seed))
     return 0
 
@@ -392,9 +373,17 @@ def cmd_bench(args) -> int:
 
 
 def cmd_bench_suite(args) -> int:
-    from cluster.bench.studies import load_study
-
     return load_study(args.study).main(args)
+
+
+def _parse_study_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The chosen study's options, parsed by its own parser, merged into `args`."""
+    parser = argparse.ArgumentParser(prog=f"disagg-serve bench-suite {args.study}")
+    load_study(args.study).add_args(parser)
+    study_args = parser.parse_args(args.study_args)
+    merged = vars(args) | vars(study_args)
+    del merged["study_args"]
+    return argparse.Namespace(**merged)
 
 
 def cmd_demo(args) -> int:
@@ -414,8 +403,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "up" and args.config:
-        from cluster.entrypoints.config_file import ConfigFileError, load_config_file
-
         up = _subparser(parser, "up")
         valid = {a.dest for a in up._actions if a.dest not in ("help", "config")}
         try:
@@ -423,6 +410,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         except ConfigFileError as exc:
             parser.error(str(exc))
         args = parser.parse_args(argv)
+    if args.command == "bench-suite":
+        args = _parse_study_args(args)
     return args
 
 

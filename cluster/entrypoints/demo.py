@@ -6,7 +6,13 @@ import asyncio
 import sys
 import time
 
+import ray
+
+from cluster.client import AsyncClient, status_to_dict
+from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig
+from cluster.entrypoints.launcher import start_cluster
 from cluster.entrypoints.status_format import format_status_table
+from cluster.models.demo import build_demo_models
 
 DEMO_PROMPTS = [
     "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
@@ -63,11 +69,6 @@ async def _migrate_mid_stream(client, prompt: str, max_tokens: int = 160) -> dic
 
 
 async def _demo(colocated: int, port: int, speculative: bool) -> None:
-    from cluster.client import AsyncClient, status_to_dict
-    from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig, SpecConfig
-    from cluster.entrypoints.launcher import start_cluster
-    from cluster.models.demo import build_demo_models
-
     models = build_demo_models()
     if colocated:
         pools = (PoolConfig("colocated", colocated),)
@@ -102,8 +103,6 @@ async def _demo(colocated: int, port: int, speculative: bool) -> None:
     finally:
         await client.close()
         await cluster.stop()
-        import ray
-
         ray.shutdown()
     burst = results[1:]
     tokens = sum(r["tokens"] for r in burst)

@@ -103,8 +103,8 @@ class RunningCluster:
         for actor in self.router.actors():
             try:
                 ray.get(actor.shutdown.remote(), timeout=10)
-            except Exception:  # already dead: killing it below is enough
-                pass
+            except ray.exceptions.RayError as exc:  # dead or hung: killing it below is enough
+                log.debug("clean shutdown of an engine failed: %s", exc)
             ray.kill(actor)
         if self.metrics_server is not None:
             self.metrics_server[0].shutdown()

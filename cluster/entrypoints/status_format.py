@@ -15,7 +15,7 @@ def format_status_table(status: dict) -> str:
                      str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0)),
                      _kv_cell(inst.get("kv_transfer")), _spec_cell(inst.get("spec_decode"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
                  f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
     if "migrations" in status:  # servers before live migration leave it out
@@ -73,4 +73,6 @@ def _kv_cell(kv: dict | None) -> str:
 def _spec_cell(spec: dict | None) -> str:
     if not spec or not int(spec.get("verified", 0)):
         return "-"
-    return f"{100 * float(spec.get('acceptance_rate', 0)):.0f}% ({float(spec.get('mean_accepted_per_request_step', 0)):.2f}/step)"
+    rate = float(spec.get("acceptance_rate", 0))
+    per_step = float(spec.get("mean_accepted_per_request_step", 0))
+    return f"{100 * rate:.0f}% ({per_step:.2f}/step)"

@@ -17,9 +17,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import ray
+
 from cluster.kv.layout import KVCacheView, blocks_for_tokens
 from cluster.kv.migration_ledger import MigrationLedger
 from cluster.kv.transports.base import KVTransport, SourceRef, tensor_to_wire
+from cluster.kv.transports.nccl import NcclSource
+from cluster.kv.transports.shm import ShmPool, export_to_shm
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +152,6 @@ class KVTransferAgent:
 
     def export_shm(self, transfer_id: str) -> dict | None:
         """The held blocks of `transfer_id`, gathered into a shared-memory segment (same host)."""
-        from cluster.kv.transports.shm import ShmPool, export_to_shm
-
         blocks = self.held_blocks(transfer_id)
         if blocks is None or self.cache is None:
             return None
@@ -166,15 +168,11 @@ class KVTransferAgent:
         during a migration's pre-copy, so the tail's export inside the downtime is fast)."""
         if self.transport.name not in ("auto", "shm"):
             return
-        from cluster.kv.transports.shm import ShmPool
-
         if self._shm_pool is None:
             self._shm_pool = ShmPool()
         self._shm_pool.keep_free(spare_segments)
 
     def nccl_join(self, key: str, unique_id, signature) -> bool:
-        from cluster.kv.transports.nccl import NcclSource
-
         if self._nccl_source is None:
             self._nccl_source = NcclSource()
         return self._nccl_source.join(key, unique_id, signature, self.cache)
@@ -258,7 +256,7 @@ class KVTransferAgent:
             left = max(0.1, exp.deadline - time.monotonic())
             nbytes = self.transport.fetch(exp.source, transfer_id, self.cache, block_ids, left)
             ok = True
-        except Exception as exc:  # any failure follows the failure policy in vLLM's scheduler
+        except Exception as exc:  # noqa: BLE001 - any failure of one transfer follows the failure policy
             log.warning("KV load of %s failed: %s", transfer_id, exc)
             nbytes = 0
         finally:
@@ -284,8 +282,8 @@ class KVTransferAgent:
     def release_source(source, transfer_id: str) -> None:
         try:
             source.actor.kv_release.remote(transfer_id)
-        except Exception:  # the source is gone; its blocks went with it
-            pass
+        except ray.exceptions.RayError as exc:  # the source is gone; its blocks went with it
+            log.debug("release of %s at %s not sent: %s", transfer_id, source.instance_id, exc)
 
     def pull(self, source: SourceRef, transfer_id: str, block_ids: list[int], timeout_s: float) -> int:
         """Copies the source's hold `transfer_id` into `block_ids` now (a migration stage),

@@ -11,7 +11,7 @@ Per-request parameters ride in SamplingParams.extra_args["kv_transfer_params"]:
 - consumer: {"do_remote_prefill": True, "transfer_id": str}  (source and token count are
   registered with the agent by the worker before the request is added)
 - live migration, destination: {"migrated_in": migration_id}: the request's KV already sits in
-  blocks reserved for it (cluster/kv_migration.py); it adopts them, nothing is loaded
+  blocks reserved for it (cluster/kv/migration_ledger.py); it adopts them, nothing is loaded
 - live migration, source: a request the worker marked as stopping keeps its not-yet-copied
   blocks (delayed free) until the destination pulled them
 """

@@ -84,7 +84,7 @@ class KVCacheView:
         if len(slabs) != len(self.layers):
             raise ValueError(f"KV payload has {len(slabs)} layers, this engine has {len(self.layers)}")
         index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
-        for layer, slab in zip(self.layers, slabs):
+        for layer, slab in zip(self.layers, slabs, strict=True):
             if tuple(slab.shape[1:]) != layer.block_shape or slab.shape[0] != len(block_ids):
                 raise ValueError(f"layer {layer.name}: payload blocks of shape {tuple(slab.shape)} do not "
                                  f"fit {len(block_ids)} blocks of {layer.block_shape}")

@@ -233,7 +233,8 @@ def test_pools_land_on_the_nodes_that_advertise_them(ray_start_cluster, target_m
     resources = nodes_by_id(address, expected=3)
     assert sorted(r.get("disagg_prefill", 0) + 2 * r.get("disagg_decode", 0) for r in resources.values()) == [0, 1, 2]
 
-    up = [sys.executable, "-m", "cluster.entrypoints.cli", "up", "--address", address, "--prefill", "1", "--decode", "1",
+    up = [sys.executable, "-m", "cluster.entrypoints.cli", "up", "--address", address,
+          "--prefill", "1", "--decode", "1",
           "--model", target_model, "--dtype", "float32", "--max-model-len", "1024", "--kv-cache-gib", "0.25",
           "--port", "0", "--host", "127.0.0.1"]
     server = Tracked([sys.executable, str(DEPLOY / "wait_for_pools.py"), "--timeout", "120", "--interval", "1",

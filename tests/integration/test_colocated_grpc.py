@@ -14,11 +14,11 @@ import grpc
 import pytest
 
 from cluster.client import AsyncClient, status_to_dict
-from tests.integration.conftest import (
+from tests.integration.support import (
     MAX_MODEL_LEN,
     REPO,
+    assert_greedy_equals_reference,
     corpus_token_ids,
-    greedy_concurrently,
     reference_greedy,
     wait_idle,
 )
@@ -29,12 +29,9 @@ def test_greedy_equals_plain_vllm(client, reference_llm, tokenizer):
     lengths = [1, block, 2 * block + 44, MAX_MODEL_LEN - 8, 17, 3 * block]
     prompts = [corpus_token_ids(tokenizer, n, offset=97 * i) for i, n in enumerate(lengths)]
     max_tokens = [min(48, MAX_MODEL_LEN - n) for n in lengths]
-    expected = reference_greedy(reference_llm, prompts, max_tokens)
-
-    got = greedy_concurrently(client.address, prompts, max_tokens)
-    for n, completion, want in zip(lengths, got, expected):
-        assert completion.token_ids == want, f"prompt of {n} tokens diverged"
-        assert completion.prompt_tokens == n and completion.completion_tokens == len(want)
+    got = assert_greedy_equals_reference(client.address, reference_llm, prompts, max_tokens)
+    for n, completion in zip(lengths, got, strict=True):
+        assert completion.prompt_tokens == n and completion.completion_tokens == len(completion.token_ids)
         assert completion.finish_reason in ("length", "stop")
     # Both instances took part: outputs do not depend on where a request ran.
     assert {c.served_by[0] for c in got} == {"colocated-0", "colocated-1"}
@@ -182,7 +179,7 @@ def test_prometheus_metrics(client, colocated_server):
                  'disagg_requests_total{finish_reason="length",status="OK"}',
                  'disagg_instance_kv_free_blocks{instance="colocated-0",role="colocated"}'):
         assert name in text, name
-    ttft_count = [l for l in text.splitlines() if l.startswith("disagg_time_to_first_token_seconds_count")]
+    ttft_count = [line for line in text.splitlines() if line.startswith("disagg_time_to_first_token_seconds_count")]
     assert float(ttft_count[0].split()[-1]) >= 1
 
 

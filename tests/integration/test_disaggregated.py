@@ -8,11 +8,10 @@ import random
 import grpc
 
 from cluster.client import AsyncClient, status_to_dict
-from tests.integration.conftest import (
+from tests.integration.support import (
     MAX_MODEL_LEN,
+    assert_greedy_equals_reference,
     corpus_token_ids,
-    greedy_concurrently,
-    reference_greedy,
     wait_idle,
 )
 
@@ -28,11 +27,8 @@ def test_greedy_equals_plain_vllm_and_decode_computes_no_prompt(disagg_client, r
     lengths = [1, block, 2 * block + 44, MAX_MODEL_LEN - 8, 17, 3 * block, 250, 5]
     prompts = [corpus_token_ids(tokenizer, n, offset=131 * i) for i, n in enumerate(lengths)]
     max_tokens = [min(40, MAX_MODEL_LEN - n) for n in lengths]
-    expected = reference_greedy(reference_llm, prompts, max_tokens)
-
-    got = greedy_concurrently(client.address, prompts, max_tokens)
-    for n, completion, want in zip(lengths, got, expected):
-        assert completion.token_ids == want, f"prompt of {n} tokens diverged"
+    got = assert_greedy_equals_reference(client.address, reference_llm, prompts, max_tokens)
+    for completion in got:
         assert completion.served_by == ["prefill-0", "decode-0"]
     after = by_role(wait_idle(client))
 
@@ -97,7 +93,7 @@ def test_no_leaks_after_200_requests_with_aborts(disagg_client):
     completed = [r for r in results if r != "cancelled"]
     assert len(completed) >= 50 and all(r == 24 for r in completed)
     after = wait_idle(client, timeout_s=60)
-    for inst_before, inst_after in zip(idle["instances"], after["instances"]):
+    for inst_before, inst_after in zip(idle["instances"], after["instances"], strict=True):
         assert inst_after["load"]["num_free_blocks"] == inst_before["load"]["num_free_blocks"]
         assert int(inst_after.get("kv_transfer", {}).get("blocks_held", 0)) == 0
     # Still serving.

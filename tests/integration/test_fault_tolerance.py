@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from cluster.client import AsyncClient, Client, status_to_dict
-from tests.integration.conftest import (
+from tests.integration.support import (
     ENGINE_ARGS,
     ServerProcess,
     corpus_token_ids,
@@ -93,7 +93,7 @@ def test_chaos_nothing_lost_nothing_leaked(chaos_server, reference_llm, tokenize
             time.sleep(0.5)
         recovered_at = time.monotonic()
         wait_idle(client, timeout_s=60)  # no KV blocks leaked anywhere
-        replays = [l for l in chaos_server.log_lines if "replaying request" in l]
+        replays = [line for line in chaos_server.log_lines if "replaying request" in line]
         print(f"\nchaos: faults={len(victims)} sent={NUM_REQUESTS} completed={len(ok)} "
               f"errored={NUM_REQUESTS - len(ok)} {sorted(errors)} lost=0 leaked_blocks=0 "
               f"replays={len(replays)} max_recovery_s={recovered_at - min(killed_at.values()):.1f}")

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from cluster.client import AsyncClient, Client, build_request
 from proto import disagg_pb2 as pb
-from tests.integration.conftest import ENGINE_ARGS, ServerProcess, run_server, wait_idle
+from tests.integration.support import ENGINE_ARGS, ServerProcess, run_server, wait_idle
 
 MAX_IN_FLIGHT = 48
 EXPECTED_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.ALREADY_EXISTS}

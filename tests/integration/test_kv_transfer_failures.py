@@ -9,9 +9,9 @@ import pytest
 import ray
 
 from cluster.config import EngineConfig, PoolConfig, TransferConfig
-from cluster.protocol import EngineRequest, Sampling
 from cluster.entrypoints.launcher import spawn_worker
-from tests.integration.conftest import MAX_MODEL_LEN, corpus_token_ids, reference_greedy
+from cluster.protocol import EngineRequest, Sampling
+from tests.integration.support import MAX_MODEL_LEN, corpus_token_ids, reference_greedy
 
 TIMEOUT_S = 3.0
 

@@ -13,8 +13,9 @@ import time
 import grpc
 import pytest
 
+from cluster.bench.recorder import StreamRecorder
 from cluster.client import AsyncClient, status_to_dict
-from tests.integration.conftest import ENGINE_ARGS, corpus_token_ids, run_server, wait_idle
+from tests.integration.support import ENGINE_ARGS, corpus_token_ids, reference_greedy, run_server, wait_idle
 
 BLOCK = 32
 
@@ -28,52 +29,11 @@ def migration_server(target_model):
 @pytest.fixture(scope="module")
 def reference(reference_llm):
     """Greedy, EOS ignored (every request runs to max_tokens), on the plain engine."""
-    from vllm import SamplingParams
-
-    def run(prompts, max_tokens):
-        params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in max_tokens]
-        outs = reference_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    return run
+    return lambda prompts, max_tokens: reference_greedy(reference_llm, prompts, max_tokens, ignore_eos=True)
 
 
 def instances(status: dict) -> dict:
     return {i["instance_id"]: i for i in status["instances"]}
-
-
-class Stream:
-    """One streaming request whose tokens (and their arrival) the test can watch."""
-
-    def __init__(self, client: AsyncClient, request_id: str, prompt, max_tokens: int, priority: int = 0):
-        self.request_id = request_id
-        self.tokens: list[int] = []
-        self.messages = 0
-        self.final = None
-        self.finished_at = None
-        self._progress = asyncio.Event()
-        self.task = asyncio.ensure_future(self._run(client, prompt, max_tokens, priority))
-
-    async def _run(self, client, prompt, max_tokens, priority):
-        async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                       request_id=self.request_id, priority=priority):
-            self.tokens.extend(msg.token_ids)
-            self.messages += 1
-            if msg.finished:
-                self.final = msg
-                self.finished_at = time.monotonic()
-            self._progress.set()
-        return self
-
-    async def reach(self, n: int, timeout_s: float = 60.0) -> None:
-        async def wait():
-            while len(self.tokens) < n:
-                if self.task.done():
-                    raise AssertionError(f"{self.request_id} finished with {len(self.tokens)} < {n} tokens")
-                self._progress.clear()
-                await self._progress.wait()
-
-        await asyncio.wait_for(wait(), timeout_s)
 
 
 def run(coro):
@@ -81,7 +41,7 @@ def run(coro):
 
 
 def check_equal(streams, expected) -> None:
-    for s, want in zip(streams, expected):
+    for s, want in zip(streams, expected, strict=True):
         assert s.final is not None, f"{s.request_id} never finished"
         assert len(s.tokens) == len(want), f"{s.request_id}: {len(s.tokens)} tokens, {len(want)} expected"
         assert s.tokens == want, f"{s.request_id} diverged from the plain engine"
@@ -97,7 +57,8 @@ def test_migrated_once_and_twice_equal_plain_engine(migration_server, reference,
         client = AsyncClient(migration_server.address, timeout=300)
         try:
             before = instances(status_to_dict(await client.cluster_status()))
-            streams = [Stream(client, f"mig-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            streams = [StreamRecorder(client, p, m, request_id=f"mig-{i}")
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
             # Once: request 0 after 40 tokens.
             await streams[0].reach(40)
             once = await client.migrate("mig-0")
@@ -158,7 +119,7 @@ def test_stop_copy_and_errors(migration_server):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.drain("no-such-instance")
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-            s = Stream(client, "err-0", list(range(5, 60)), 400)
+            s = StreamRecorder(client, list(range(5, 60)), 400, request_id="err-0")
             await s.reach(10)
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await client.migrate("err-0", "prefill-0")
@@ -186,7 +147,8 @@ def test_concurrent_migrations_on_one_instance(migration_server, reference, toke
     async def scenario():
         client = AsyncClient(migration_server.address, timeout=300)
         try:
-            streams = [Stream(client, f"conc-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            streams = [StreamRecorder(client, p, m, request_id=f"conc-{i}")
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
             for s in streams:
                 await s.reach(20)
             status = status_to_dict(await client.cluster_status())
@@ -222,7 +184,8 @@ def test_drain_moves_everything_and_requests_complete(migration_server, referenc
     async def scenario():
         client = AsyncClient(migration_server.address, timeout=300)
         try:
-            streams = [Stream(client, f"drain-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            streams = [StreamRecorder(client, p, m, request_id=f"drain-{i}")
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
             for s in streams:
                 await s.reach(15)
             result = await client.drain("decode-0", timeout_s=60)
@@ -256,12 +219,12 @@ def test_drain_moves_everything_and_requests_complete(migration_server, referenc
 
 def migrate_and_kill(server, request_id: str, prompt, max_tokens: int, victim: str):
     """Streams a request, starts migrating it to the other decode instance and SIGKILLs the
-    `victim` ("source" or "target") a moment later. The finished Stream and migration."""
+    `victim` ("source" or "target") a moment later. The finished StreamRecorder and migration."""
 
     async def scenario():
         client = AsyncClient(server.address, timeout=300)
         try:
-            s = Stream(client, request_id, prompt, max_tokens)
+            s = StreamRecorder(client, prompt, max_tokens, request_id=request_id)
             await s.reach(20)
             status = instances(status_to_dict(await client.cluster_status()))
             running_on = [k for k, v in status.items()
@@ -334,7 +297,7 @@ def test_destination_without_memory_leaves_request_untouched(no_room_server, ref
     async def scenario():
         client = AsyncClient(no_room_server.address, timeout=300)
         try:
-            s = Stream(client, "no-room", prompts[0], 300)
+            s = StreamRecorder(client, prompts[0], 300, request_id="no-room")
             await s.reach(20)
             result = await client.migrate("no-room")
             drained = await client.drain("decode-0", timeout_s=1.0)
@@ -369,7 +332,8 @@ def test_migration_under_tetris_speculative_decoding(tetris_server, reference, t
     async def scenario():
         client = AsyncClient(tetris_server.address, timeout=300)
         try:
-            streams = [Stream(client, f"spec-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            streams = [StreamRecorder(client, p, m, request_id=f"spec-{i}")
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
             await streams[0].reach(40)
             first = await client.migrate("spec-0")
             await streams[0].reach(len(streams[0].tokens) + 80)
@@ -394,7 +358,7 @@ def test_migration_under_tetris_speculative_decoding(tetris_server, reference, t
 def balancing_server(target_model):
     """Automatic balancing on, with thresholds a burst on one instance crosses: a decode
     instance is a source below 20 free blocks per running request, a destination above 40."""
-    args = [a for a in ENGINE_ARGS]
+    args = list(ENGINE_ARGS)
     args[args.index("--kv-cache-gib") + 1] = "0.02"  # ~160 blocks of 32 tokens per instance
     yield from run_server(["--prefill", "1", "--decode", "2", "--model", target_model, *args,
                            "--block-size", str(BLOCK), "--migration", "--migration-interval-s", "0.1",
@@ -412,7 +376,8 @@ def test_balancer_moves_a_burst_off_one_instance(balancing_server, reference, to
         client = AsyncClient(balancing_server.address, timeout=300)
         try:
             await client.drain("decode-1", timeout_s=5)
-            streams = [Stream(client, f"burst-{i}", p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))]
+            streams = [StreamRecorder(client, p, m, request_id=f"burst-{i}")
+                       for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
             for s in streams:
                 await s.reach(5)
             await client.drain("decode-1", cancel=True)

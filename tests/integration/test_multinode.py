@@ -8,7 +8,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from cluster.client import Client, status_to_dict
-from tests.integration.conftest import (
+from tests.integration.support import (
     ENGINE_ARGS,
     ServerProcess,
     corpus_token_ids,
@@ -38,7 +38,7 @@ def test_pools_land_on_their_nodes_and_outputs_match(ray_cluster, target_model, 
             assert nodes == {"prefill": prefill_node, "decode": decode_node}
             prompts = [corpus_token_ids(tokenizer, n, offset=7 * n) for n in (1, 128, 333)]
             expected = reference_greedy(reference_llm, prompts, [24, 24, 24])
-            for prompt, want in zip(prompts, expected):
+            for prompt, want in zip(prompts, expected, strict=True):
                 done = client.generate(prompt, max_tokens=24, temperature=0.0)
                 assert done.token_ids == want and done.served_by == ["prefill-0", "decode-0"]
     finally:

@@ -44,11 +44,12 @@ def tetris_engine(demo_models, config: TetrisConfig = CONFIG):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    from decode_worker.spec_adapter import install_tetris, speculative_config
+    from cluster.engine.vllm_adapter import speculative_config
+    from decode_worker.spec_adapter import install_tetris
 
     args = EngineArgs(
         model=str(demo_models / "target"),
-        speculative_config=speculative_config(str(demo_models / "draft"), config),
+        speculative_config=speculative_config(str(demo_models / "draft"), config.num_speculative_tokens),
         max_model_len=1024, dtype="float32", enforce_eager=True,
         kv_cache_memory_bytes=256 << 20, seed=0, disable_log_stats=False)
     engine = LLMEngine.from_engine_args(args)
@@ -56,7 +57,7 @@ def tetris_engine(demo_models, config: TetrisConfig = CONFIG):
 
 
 def run(engine, prompts, params) -> list[list[int]]:
-    for i, (p, sp) in enumerate(zip(prompts, params)):
+    for i, (p, sp) in enumerate(zip(prompts, params, strict=True)):
         engine.add_request(f"q{i}", {"prompt_token_ids": p}, sp)
     done: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
@@ -106,7 +107,7 @@ def check_stats(stats, config: TetrisConfig) -> None:
 def test_greedy_equals_plain_engine_and_stats(demo_models, prompts, reference_llm):
     from vllm import SamplingParams
 
-    from tests.integration.conftest import reference_greedy
+    from tests.integration.support import reference_greedy
 
     want = reference_greedy(reference_llm, prompts, MAX_TOKENS)
     engine, stats = tetris_engine(demo_models)
@@ -115,7 +116,7 @@ def test_greedy_equals_plain_engine_and_stats(demo_models, prompts, reference_ll
                                     for n in MAX_TOKENS])
     finally:
         close(engine)
-    for i, (g, w) in enumerate(zip(got, want)):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g == w, f"prompt {i}: TETRIS {g} != plain {w}"
     check_stats(stats, CONFIG)
     assert {r.source for r in stats.history} >= {"greedy"}
@@ -124,7 +125,7 @@ def test_greedy_equals_plain_engine_and_stats(demo_models, prompts, reference_ll
 def test_seeded_sampling_is_reproducible(demo_models, prompts, reference_llm):
     from vllm import SamplingParams
 
-    from tests.integration.conftest import reference_greedy
+    from tests.integration.support import reference_greedy
 
     greedy = {2, 5}  # two greedy requests ride in the sampled batch
     params = [SamplingParams(temperature=0.0 if i in greedy else 0.8, seed=1000 + i,

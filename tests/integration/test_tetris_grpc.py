@@ -8,12 +8,11 @@ import urllib.request
 import pytest
 
 from cluster.client import Client
-from tests.integration.conftest import (
+from tests.integration.support import (
     ENGINE_ARGS,
     ServerProcess,
+    assert_greedy_equals_reference,
     corpus_token_ids,
-    greedy_concurrently,
-    reference_greedy,
     wait_idle,
 )
 
@@ -54,11 +53,7 @@ def test_greedy_with_tetris_equals_plain_engine(spec_server, reference_llm, toke
     lengths = [1, 9, 64, 128, 200, 300, 45, 500]
     prompts = [corpus_token_ids(tokenizer, n, offset=53 * i) for i, n in enumerate(lengths)]
     max_tokens = [32, 24, 40, 16, 32, 28, 40, 20]
-    expected = reference_greedy(reference_llm, prompts, max_tokens)
-
-    got = greedy_concurrently(spec_server.address, prompts, max_tokens)
-    for n, completion, want in zip(lengths, got, expected):
-        assert completion.token_ids == want, f"prompt of {n} tokens diverged under TETRIS"
+    assert_greedy_equals_reference(spec_server.address, reference_llm, prompts, max_tokens, " under TETRIS")
     with Client(spec_server.address) as client:
         decode = next(i for i in wait_idle(client)["instances"] if i["role"] == "decode")
     spec = decode["spec_decode"]

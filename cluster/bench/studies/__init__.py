@@ -2,7 +2,10 @@
 ratio, and writes JSON and a PNG plot. Run with `disagg-serve bench-suite NAME`.
 
 A study is a module with add_args(parser) and main(args), or "module:NAME" where NAME is an
-object of that module with those two (one module holding several studies)."""
+object of that module with those two (one module holding several studies). load_study
+imports a study's module by name when that study is asked for."""
+
+import importlib
 
 STUDIES = {
     "grpc-overhead": "cluster.bench.studies.grpc_overhead",
@@ -16,8 +19,6 @@ STUDIES = {
 
 def load_study(name: str):
     """The object with add_args and main for study `name`."""
-    import importlib
-
     module, _, attr = STUDIES[name].partition(":")
     loaded = importlib.import_module(module)
     return getattr(loaded, attr) if attr else loaded

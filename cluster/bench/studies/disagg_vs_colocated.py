@@ -9,8 +9,15 @@ import asyncio
 import dataclasses
 import sys
 
+import ray
+
+from cluster.bench.harness import BenchConfig, run_benchmark
+from cluster.bench.plots import sweep_plot
+from cluster.bench.report import compare_table
 from cluster.bench.studies.common import write_results
 from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+from cluster.entrypoints.launcher import start_cluster
+from cluster.models.demo import demo_target
 
 SETUPS = {
     "colocated-2": (PoolConfig("colocated", 2),),
@@ -24,7 +31,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rates", default="1,2,4,8", help="request rates to sweep (req/s)")
     p.add_argument("--num-prompts", type=int, default=48)
     p.add_argument("--input-len", type=int, default=384, help="mean prompt length")
-    p.add_argument("--input-len-range", type=float, default=0.9, help="prompts in [(1-r)L, (1+r)L]")
+    p.add_argument("--input-len-range", type=float, default=0.9,
+                   help="prompts in [(1-r)L, (1+r)L]")
     p.add_argument("--output-len", type=int, default=96)
     p.add_argument("--slo-ttft-ms", type=float, default=1000.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
@@ -32,11 +40,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 async def _sweep(label: str, pools, model: str, args) -> list[dict]:
-    import ray
-
-    from cluster.bench.harness import BenchConfig, run_benchmark
-    from cluster.entrypoints.launcher import start_cluster
-
     config = ServeConfig(engine=EngineConfig(model=model, cpu_kv_cache_gib=0.5),
                          router=RouterConfig(host="127.0.0.1", port=0), pools=pools)
     cluster = await start_cluster(config)
@@ -53,7 +56,8 @@ async def _sweep(label: str, pools, model: str, args) -> list[dict]:
             d.pop("requests", None)
             results.append(d)
             print(f"{label} rate {rate:g}: TTFT p50 {d['median_ttft_ms']:.0f} ms, TPOT p50 "
-                  f"{d['median_tpot_ms']:.1f} ms, goodput {d['goodput']:.2f} req/s", file=sys.stderr, flush=True)
+                  f"{d['median_tpot_ms']:.1f} ms, goodput {d['goodput']:.2f} req/s",
+                  file=sys.stderr, flush=True)
     finally:
         await cluster.stop()
         ray.shutdown()
@@ -61,15 +65,14 @@ async def _sweep(label: str, pools, model: str, args) -> list[dict]:
 
 
 def main(args) -> int:
-    from cluster.bench.harness import compare_table, sweep_plot
-    from cluster.entrypoints.cli import demo_target
-
     model = args.model or demo_target()
-    runs = {label: asyncio.run(_sweep(label, pools, model, args)) for label, pools in SETUPS.items()}
-    results = {"study": "disagg-vs-colocated", "config": vars(args) | {"model": model}, "runs": runs}
+    runs = {label: asyncio.run(_sweep(label, pools, model, args))
+            for label, pools in SETUPS.items()}
+    results = {"study": "disagg-vs-colocated", "config": vars(args) | {"model": model},
+               "runs": runs}
     path = write_results(args.out, "disagg-vs-colocated", results)
-    sweep_plot([r for rs in runs.values() for r in rs], "request_rate", str(path.with_suffix(".png")),
-               "disaggregated (1P+1D) vs colocated (2)")
+    sweep_plot([r for rs in runs.values() for r in rs], "request_rate",
+               str(path.with_suffix(".png")), "disaggregated (1P+1D) vs colocated (2)")
     for i, rate in enumerate(args.rates.split(",")):
         print(f"\n=== request rate {rate} req/s ===")
         print(compare_table({label: rs[i] for label, rs in runs.items()}))

@@ -10,9 +10,16 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.bench.studies.common import corpus_prompts, write_results
+import ray
+
+from cluster.bench.plots import pyplot
+from cluster.bench.studies.common import write_results
+from cluster.bench.workload import corpus_token_prompts
 from cluster.client import AsyncClient
 from cluster.config import EngineConfig, PoolConfig, RouterConfig, ServeConfig
+from cluster.entrypoints.launcher import start_cluster
+from cluster.models.demo import demo_target
+from cluster.models.tokenizer import load_serving_tokenizer
 from cluster.protocol import EngineRequest, Sampling
 
 
@@ -29,8 +36,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 async def _grpc_round(address: str, prompts, output_len: int) -> dict:
     client = AsyncClient(address)
     start = time.perf_counter()
-    done = await asyncio.gather(*[client.generate(p, max_tokens=output_len, temperature=0.0, ignore_eos=True)
-                                  for p in prompts])
+    done = await asyncio.gather(*[
+        client.generate(p, max_tokens=output_len, temperature=0.0, ignore_eos=True)
+        for p in prompts])
     seconds = time.perf_counter() - start
     await client.close()
     return {"output_tokens": sum(c.completion_tokens for c in done), "seconds": seconds}
@@ -42,34 +50,32 @@ async def _local_round(actors, prompts, output_len: int, tag: str) -> dict:
     for i, p in enumerate(prompts):  # the same round-robin split the router makes
         shares[i % len(actors)].append(EngineRequest(f"local-{tag}-{i}", tuple(p), sampling))
     start = time.perf_counter()
-    parts = await asyncio.gather(*[a.run_local.remote(s) for a, s in zip(actors, shares)])
+    parts = await asyncio.gather(*[a.run_local.remote(s)
+                                   for a, s in zip(actors, shares, strict=True)])
     seconds = time.perf_counter() - start
     return {"output_tokens": sum(p["output_tokens"] for p in parts), "seconds": seconds}
 
 
 async def _run(args) -> dict:
-    import ray
-
-    from cluster.entrypoints.cli import demo_target
-    from cluster.entrypoints.launcher import start_cluster
-    from cluster.models.tokenizer import load_serving_tokenizer
-
     model = args.model or demo_target()
     config = ServeConfig(engine=EngineConfig(model=model, cpu_kv_cache_gib=0.5),
                          router=RouterConfig(host="127.0.0.1", port=0),
                          pools=(PoolConfig("colocated", args.instances),))
     cluster = await start_cluster(config)
     try:
-        prompts = corpus_prompts(load_serving_tokenizer(model), args.num_requests, args.input_len)
+        prompts = corpus_token_prompts(load_serving_tokenizer(model), args.num_requests,
+                                       args.input_len)
         address = f"127.0.0.1:{cluster.port}"
         await _grpc_round(address, prompts[:4], 8)  # warm-up both paths
         await _local_round(cluster.actors, prompts[:4], 8, "warm")
         rounds = {"grpc": [], "in_process": []}
         for r in range(args.repeats):  # interleaved so drift hits both paths alike
             rounds["grpc"].append(await _grpc_round(address, prompts, args.output_len))
-            rounds["in_process"].append(await _local_round(cluster.actors, prompts, args.output_len, str(r)))
+            rounds["in_process"].append(
+                await _local_round(cluster.actors, prompts, args.output_len, str(r)))
             print(f"round {r + 1}/{args.repeats}: gRPC {_tps(rounds['grpc'][-1]):.1f} tok/s, "
-                  f"in-process {_tps(rounds['in_process'][-1]):.1f} tok/s", file=sys.stderr, flush=True)
+                  f"in-process {_tps(rounds['in_process'][-1]):.1f} tok/s",
+                  file=sys.stderr, flush=True)
     finally:
         await cluster.stop()
         ray.shutdown()
@@ -88,14 +94,11 @@ def _tps(r: dict) -> float:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = ["in-process", "gRPC path"]
-    per_round = [[_tps(r) for r in results["rounds"]["in_process"]], [_tps(r) for r in results["rounds"]["grpc"]]]
+    per_round = [[_tps(r) for r in results["rounds"]["in_process"]],
+                 [_tps(r) for r in results["rounds"]["grpc"]]]
     ax.bar(labels, [statistics.median(v) for v in per_round], color=["#888", "#3a7"])
     for i, v in enumerate(per_round):
         ax.scatter([i] * len(v), v, color="k", zorder=3, s=12)

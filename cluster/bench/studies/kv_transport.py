@@ -9,9 +9,13 @@ import statistics
 import sys
 import time
 
+import ray
 import torch
 
+from cluster.bench.plots import pyplot
 from cluster.bench.studies.common import write_results
+from cluster.kv.agent import KVTransferAgent
+from cluster.kv.transports import SourceRef, make_transport
 
 BLOCK_BYTES = 1 << 20  # 1 MiB blocks keep the block count small at every size
 LAYERS = 4
@@ -27,16 +31,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _caches(num_blocks: int, device: str) -> dict[str, torch.Tensor]:
     per_layer = BLOCK_BYTES // LAYERS // 4  # float32 elements per block per layer
-    return {f"layer.{i}": torch.randn(num_blocks, per_layer, device=device) for i in range(LAYERS)}
+    return {f"layer.{i}": torch.randn(num_blocks, per_layer, device=device)
+            for i in range(LAYERS)}
 
 
 class _Endpoint:
     """A process with a synthetic KV cache and a real KVTransferAgent (no engine)."""
 
     def __init__(self, name: str, num_blocks: int, transport: str, device: str):
-        from cluster.kv.agent import KVTransferAgent
-        from cluster.kv.transports.base import make_transport
-
         self.name = name
         self.agent = KVTransferAgent(name, make_transport(transport, name), timeout_s=120)
         self.agent.register_kv_caches(_caches(num_blocks, device), num_blocks, block_size=1)
@@ -60,10 +62,9 @@ class _Endpoint:
         return self.agent.nccl_send(key, transfer_id)
 
     def fetch(self, source_name: str, source, transfer_id: str, blocks: list[int]) -> float:
-        from cluster.kv.transports.base import SourceRef
-
         start = time.perf_counter()
-        self.agent.transport.fetch(SourceRef(source_name, source), transfer_id, self.agent.cache, blocks, 120)
+        self.agent.transport.fetch(SourceRef(source_name, source), transfer_id, self.agent.cache,
+                                   blocks, 120)
         return time.perf_counter() - start
 
 
@@ -81,8 +82,6 @@ def _memcpy_seconds(nbytes: int, device: str, repeats: int) -> float:
 
 
 def run(args) -> dict:
-    import ray
-
     sizes = [int(s) for s in args.sizes_mb.split(",")]
     max_blocks = max(sizes) * (1 << 20) // BLOCK_BYTES
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -104,13 +103,15 @@ def run(args) -> dict:
                 nbytes = len(blocks) * BLOCK_BYTES
                 transfer_s = statistics.median(times[1:])
                 copy_s = _memcpy_seconds(nbytes, args.device, args.repeats)
-                row = {"transport": transport, "size_mb": size, "bytes": nbytes, "transport_s": transfer_s,
-                       "memcpy_s": copy_s, "transport_gbps": nbytes / transfer_s / 1e9,
+                row = {"transport": transport, "size_mb": size, "bytes": nbytes,
+                       "transport_s": transfer_s, "memcpy_s": copy_s,
+                       "transport_gbps": nbytes / transfer_s / 1e9,
                        "memcpy_gbps": nbytes / copy_s / 1e9}
                 row["ratio_transport_over_memcpy"] = row["transport_gbps"] / row["memcpy_gbps"]
                 rows.append(row)
                 print(f"{size:>5} MB  {transport}: {row['transport_gbps']:7.2f} GB/s   memcpy: "
-                      f"{row['memcpy_gbps']:7.2f} GB/s   ratio {row['ratio_transport_over_memcpy']:.3f}",
+                      f"{row['memcpy_gbps']:7.2f} GB/s   "
+                      f"ratio {row['ratio_transport_over_memcpy']:.3f}",
                       file=sys.stderr, flush=True)
             for a in (src, dst):
                 ray.kill(a)
@@ -120,18 +121,16 @@ def run(args) -> dict:
 
 
 def plot(results: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = results["rows"]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for transport in dict.fromkeys(r["transport"] for r in rows):
         rs = [r for r in rows if r["transport"] == transport]
-        ax.plot([r["size_mb"] for r in rs], [r["transport_gbps"] for r in rs], "o-", label=f"{transport} transport")
+        ax.plot([r["size_mb"] for r in rs], [r["transport_gbps"] for r in rs], "o-",
+                label=f"{transport} transport")
     first = [r for r in rows if r["transport"] == rows[0]["transport"]]
-    ax.plot([r["size_mb"] for r in first], [r["memcpy_gbps"] for r in first], "s--", label="memcpy (same process)")
+    ax.plot([r["size_mb"] for r in first], [r["memcpy_gbps"] for r in first], "s--",
+            label="memcpy (same process)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV payload (MB)")
     ax.set_ylabel("GB/s")
@@ -148,7 +147,7 @@ def main(args) -> int:
     plot(results, path.with_suffix(".png"))
     print(f"{'transport':>9} {'size':>8} {'GB/s':>8} {'memcpy GB/s':>12} {'ratio':>7}")
     for r in results["rows"]:
-        print(f"{r['transport']:>9} {r['size_mb']:>6}MB {r['transport_gbps']:>8.2f} {r['memcpy_gbps']:>12.2f} "
-              f"{r['ratio_transport_over_memcpy']:>7.3f}")
+        print(f"{r['transport']:>9} {r['size_mb']:>6}MB {r['transport_gbps']:>8.2f} "
+              f"{r['memcpy_gbps']:>12.2f} {r['ratio_transport_over_memcpy']:>7.3f}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

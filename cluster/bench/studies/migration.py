@@ -30,8 +30,24 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-from cluster.bench.studies.common import corpus_prompts, write_results
+import numpy as np
+import ray
+from prometheus_client import REGISTRY
+
+from cluster.bench.plots import pyplot
+from cluster.bench.recorder import StreamRecorder
+from cluster.bench.records import RequestRecord, summarize
+from cluster.bench.report import align_columns, format_cell
+from cluster.bench.studies.common import write_results
+from cluster.bench.workload import corpus_token_prompts, random_token_ids
+from cluster.client import AsyncClient
 from cluster.config import EngineConfig, MigrationConfig, PoolConfig, RouterConfig, ServeConfig
+from cluster.entrypoints.launcher import start_cluster
+from cluster.models.cache import default_models_dir
+from cluster.models.demo import demo_target
+from cluster.models.random_weights import write_random_model
+from cluster.models.tokenizer import load_serving_tokenizer
+from router.errors import RequestError
 
 MODES = ("live", "stop_copy", "recompute")
 # The downtime's parts as the router times them (MigrationRecord.phases_s), in order.
@@ -50,7 +66,8 @@ def kv_bytes_per_token(hf_config: dict, dtype_bytes: int | None = None) -> int:
     """KV-cache bytes one token takes in a Llama-style model: layers x KV heads x head dim x
     (K and V) x element size (the model's own dtype unless given)."""
     heads = hf_config.get("num_key_value_heads") or hf_config["num_attention_heads"]
-    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    head_dim = (hf_config.get("head_dim")
+                or hf_config["hidden_size"] // hf_config["num_attention_heads"])
     if dtype_bytes is None:
         dtype = hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32"
         dtype_bytes = DTYPE_BYTES[dtype]
@@ -66,7 +83,8 @@ def model_kv_bytes_per_token(model_dir: str, dtype: str = "auto") -> int:
 
 
 def cache_gib(num_tokens: int, bytes_per_token: int, block_size: int) -> float:
-    """CPU KV cache (GiB) that holds `num_tokens` tokens in whole blocks, plus vLLM's null block."""
+    """CPU KV cache (GiB) that holds `num_tokens` tokens in whole blocks, plus vLLM's null
+    block."""
     blocks = -(-num_tokens // block_size) + 1
     return blocks * block_size * bytes_per_token / GIB
 
@@ -86,6 +104,13 @@ def stream_gaps(times: list[float], counts: list[int], window: tuple[float, floa
             outside.extend([gap / counts[i]] * counts[i])
     return {"max_gap_s": max(inside) if inside else None,
             "median_itl_s": statistics.median(outside) if outside else None}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where two outputs differ (the shorter's length if one is a
+    prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
 
 
 def _median(values) -> float | None:
@@ -115,8 +140,10 @@ def summarize_downtime(trials: list[dict], modes=MODES) -> dict:
             row[f"{mode}_trials"] = len(ts)
             row[f"{mode}_blocks_copied"] = _median(t["blocks_copied"] for t in ok)
             row[f"{mode}_stages"] = _median(t["stages"] for t in ok)
-            row[f"{mode}_phases_ms"] = {ph: _median(t.get("phases_ms", {}).get(ph) for t in ok) for ph in PHASES}
-        row["median_itl_ms"] = _median(t["client_median_itl_ms"] for t in trials if t["length"] == length)
+            row[f"{mode}_phases_ms"] = {ph: _median(t.get("phases_ms", {}).get(ph) for t in ok)
+                                        for ph in PHASES}
+        row["median_itl_ms"] = _median(t["client_median_itl_ms"] for t in trials
+                                       if t["length"] == length)
         row["live_over_itl"] = _ratio(row.get("live_ms"), row["median_itl_ms"])
         for mode in modes[1:]:
             row[f"{mode}_over_live"] = _ratio(row.get(f"{mode}_ms"), row.get("live_ms"))
@@ -133,11 +160,17 @@ def summarize_downtime(trials: list[dict], modes=MODES) -> dict:
         summary["recompute_over_live_at_max"] = last.get("recompute_over_live")
         f, s = summary["flatness"], summary["stop_copy_over_live_at_max"]
         summary["goal_flat_met"] = None if f is None else f <= DOWNTIME_GOALS["flatness_max"]
-        summary["goal_10x_met"] = None if s is None else s >= DOWNTIME_GOALS["stop_copy_over_live_min"]
-    summary["equal"] = {mode: {"equal": sum(1 for t in trials if t["mode"] == mode and t.get("equal")),
-                               "compared": sum(1 for t in trials if t["mode"] == mode and t.get("equal") is not None)}
+        summary["goal_10x_met"] = (None if s is None
+                                   else s >= DOWNTIME_GOALS["stop_copy_over_live_min"])
+    summary["equal"] = {mode: _equal_count([t for t in trials if t["mode"] == mode])
                         for mode in modes}
     return summary
+
+
+def _equal_count(trials: list[dict]) -> dict:
+    """How many trials' outputs equal their unmigrated run, of those compared."""
+    return {"equal": sum(1 for t in trials if t.get("equal")),
+            "compared": sum(1 for t in trials if t.get("equal") is not None)}
 
 
 def _cell(value, digits: int = 1) -> str:
@@ -147,7 +180,8 @@ def _cell(value, digits: int = 1) -> str:
 def format_downtime_table(summary: dict, modes=MODES) -> str:
     head = f"{'L':>5} " + " ".join(f"{m + ' ms':>13}" for m in modes)
     head += "".join(f" {m + '/live':>15}" for m in modes[1:])
-    head += " " + " ".join(f"{m[:4] + ' gap ms':>13}" for m in modes) + f" {'ITL ms':>7} {'live/ITL':>8}"
+    head += " " + " ".join(f"{m[:4] + ' gap ms':>13}" for m in modes)
+    head += f" {'ITL ms':>7} {'live/ITL':>8}"
     lines = [head, "-" * len(head)]
     for r in summary["rows"]:
         line = f"{r['length']:>5} " + " ".join(f"{_cell(r.get(f'{m}_ms')):>13}" for m in modes)
@@ -159,12 +193,14 @@ def format_downtime_table(summary: dict, modes=MODES) -> str:
         lo, hi = summary["flatness_lengths"]
         met = {True: "met", False: "NOT met", None: "n/a"}
         lines.append(f"flatness live({hi})/live({lo}) = {_cell(summary['flatness'], 2)} "
-                     f"(goal <= {DOWNTIME_GOALS['flatness_max']}: {met[summary['goal_flat_met']]}); in decode "
-                     f"steps (downtime/ITL) {_cell(summary['flatness_in_itl'], 2)}, ITL itself grew "
+                     f"(goal <= {DOWNTIME_GOALS['flatness_max']}: "
+                     f"{met[summary['goal_flat_met']]}); in decode steps (downtime/ITL) "
+                     f"{_cell(summary['flatness_in_itl'], 2)}, ITL itself grew "
                      f"{_cell(summary['itl_growth'], 2)}x")
         lines.append(f"stop_copy/live at {hi} = {_cell(summary['stop_copy_over_live_at_max'], 2)} "
-                     f"(goal >= {DOWNTIME_GOALS['stop_copy_over_live_min']:g}: {met[summary['goal_10x_met']]}); "
-                     f"recompute/live at {hi} = {_cell(summary['recompute_over_live_at_max'], 2)}")
+                     f"(goal >= {DOWNTIME_GOALS['stop_copy_over_live_min']:g}: "
+                     f"{met[summary['goal_10x_met']]}); recompute/live at {hi} = "
+                     f"{_cell(summary['recompute_over_live_at_max'], 2)}")
     eq = summary.get("equal", {})
     lines.append("outputs equal to the unmigrated run: " + ", ".join(
         f"{m} {eq[m]['equal']}/{eq[m]['compared']}" for m in modes if m in eq))
@@ -183,15 +219,13 @@ def format_phase_table(summary: dict, modes=MODES) -> str:
             phases = r.get(f"{m}_phases_ms") or {}
             if not any(v is not None for v in phases.values()):
                 continue
-            lines.append(f"{r['length']:>5} {m:>9} " + " ".join(f"{_cell(phases.get(p)):>11}" for p in PHASES)
-                         + f" {_cell(r.get(f'{m}_ms')):>9}")
+            cells = " ".join(f"{_cell(phases.get(p)):>11}" for p in PHASES)
+            lines.append(f"{r['length']:>5} {m:>9} {cells} {_cell(r.get(f'{m}_ms')):>9}")
     return "\n".join(lines)
 
 
-def latency_stats(records) -> dict:
-    """p50/p99 TPOT, p99 E2E (ms) and counts of a set of cluster.bench.harness RequestRecords."""
-    from cluster.bench.harness import summarize
-
+def latency_stats(records: list[RequestRecord]) -> dict:
+    """p50/p99 TPOT, p99 E2E (ms) and counts of a set of RequestRecords."""
     done = [r for r in records if r.ok]
     tpot = summarize(r.tpot_s for r in done if r.tpot_s is not None)
     e2e = summarize(r.e2e_s for r in done if r.e2e_s is not None)
@@ -205,97 +239,38 @@ SKEW_METRICS = (("p50_tpot_ms", "p50 TPOT (ms)"), ("p99_tpot_ms", "p99 TPOT (ms)
                 ("mean_tpot_ms", "mean TPOT (ms)"), ("p50_e2e_ms", "p50 E2E (ms)"),
                 ("p99_e2e_ms", "p99 E2E (ms)"), ("completed", "completed"),
                 ("migrations_committed", "migrations committed"),
-                ("migrations_aborted", "migrations aborted"), ("migrated_requests", "requests migrated"),
-                ("preemptions", "vLLM preemptions"), ("decode0_peak_kv_usage", "decode-0 peak KV use"))
+                ("migrations_aborted", "migrations aborted"),
+                ("migrated_requests", "requests migrated"), ("preemptions", "vLLM preemptions"),
+                ("decode0_peak_kv_usage", "decode-0 peak KV use"))
 
 
 def format_skew_table(runs: dict[str, dict], baseline: str = "off") -> str:
     """Metrics of each run side by side; latency cells of the other runs also show the ratio
     baseline / run (> 1: the run is faster than the baseline)."""
     labels = list(runs)
-    rows = [["metric"] + labels]
+    rows = [["metric", *labels]]
     for key, title in SKEW_METRICS:
         row = [title]
         base = runs[baseline].get(key) if baseline in runs else None
         for label in labels:
             value = runs[label].get(key)
-            cell = "-" if value is None else (f"{value:.2f}" if isinstance(value, float) else str(value))
+            cell = format_cell(value)
             if label != baseline and key.endswith("_ms") and value and base:
                 cell += f" ({baseline}/{label} {base / value:.2f})"
             row.append(cell)
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-             for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    return "\n".join(lines)
+    return align_columns(rows)
 
 
 # ---------------------------------------------------------------- shared plumbing
-
-
-class _Stream:
-    """One streamed request through the gRPC front end, timed on the client."""
-
-    def __init__(self, client, request_id: str, prompt, max_tokens: int, priority: int = 0,
-                 t0: float | None = None):
-        from cluster.bench.harness import RequestRecord
-
-        self.request_id = request_id
-        self.t0 = time.perf_counter() if t0 is None else t0
-        self.record = RequestRecord(0, len(prompt), max_tokens)
-        self.tokens: list[int] = []
-        self._progress = asyncio.Event()
-        self.task = asyncio.ensure_future(self._run(client, prompt, max_tokens, priority))
-
-    async def _run(self, client, prompt, max_tokens, priority):
-        import grpc
-
-        from cluster.client import FINISH_REASONS
-
-        r = self.record
-        r.send_s = time.perf_counter() - self.t0
-        try:
-            async for msg in client.stream(prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                                           request_id=self.request_id, priority=priority):
-                now = time.perf_counter() - self.t0
-                if msg.token_ids:
-                    r.chunk_times.append(now)
-                    r.chunk_tokens.append(len(msg.token_ids))
-                    self.tokens.extend(msg.token_ids)
-                if msg.finished:
-                    r.end_s = now
-                    r.finish_reason = FINISH_REASONS.get(msg.finish_reason)
-                    r.prompt_tokens = msg.usage.prompt_tokens
-                    r.output_tokens = msg.usage.completion_tokens
-                    r.served_by = list(msg.served_by)
-                self._progress.set()
-            r.status = "OK" if r.end_s is not None else "INCOMPLETE_STREAM"
-        except grpc.aio.AioRpcError as exc:
-            r.status, r.error = exc.code().name, exc.details() or ""
-        finally:
-            r.done_s = time.perf_counter() - self.t0
-            self._progress.set()
-        return self
-
-    async def reach(self, n: int, timeout_s: float = 300.0) -> None:
-        async def wait():
-            while len(self.tokens) < n:
-                if self.task.done():
-                    raise RuntimeError(f"{self.request_id} ended with {len(self.tokens)} < {n} tokens "
-                                       f"({self.record.status} {self.record.error})")
-                self._progress.clear()
-                await self._progress.wait()
-
-        await asyncio.wait_for(wait(), timeout_s)
 
 
 def _serve_config(model: str, max_model_len: int, kv_gib: float, block_size: int | None,
                   migration: MigrationConfig, dtype: str, max_num_seqs: int = 64) -> ServeConfig:
     engine = EngineConfig(model=model, max_model_len=max_model_len, block_size=block_size,
                           cpu_kv_cache_gib=kv_gib, max_num_seqs=max_num_seqs, dtype=dtype)
-    return ServeConfig(engine=engine, router=RouterConfig(host="127.0.0.1", port=0, actor_call_timeout_s=120.0),
-                       migration=migration, pools=_POOLS)
+    router = RouterConfig(host="127.0.0.1", port=0, actor_call_timeout_s=120.0)
+    return ServeConfig(engine=engine, router=router, migration=migration, pools=_POOLS)
 
 
 async def _wait_idle(router, timeout_s: float = 60.0) -> None:
@@ -312,8 +287,6 @@ async def _wait_idle(router, timeout_s: float = 60.0) -> None:
 def _actor_preemptions(worker) -> float | None:
     """Runs inside a worker actor (via __ray_call__): vLLM's own preemption counter from the
     process's Prometheus registry; None when vLLM did not register it."""
-    from prometheus_client import REGISTRY
-
     total, seen = 0.0, False
     for metric in REGISTRY.collect():
         for sample in metric.samples:
@@ -328,20 +301,12 @@ async def _preemptions(router) -> dict[str, float | None]:
     for inst in router.instances.values():
         if inst.role != "decode":
             continue
+        call = inst.actor.__ray_call__.remote(_actor_preemptions)
         try:
-            out[inst.instance_id] = await asyncio.wait_for(inst.actor.__ray_call__.remote(_actor_preemptions), 30)
-        except Exception:  # not observable: say so rather than guess
+            out[inst.instance_id] = await asyncio.wait_for(call, 30)
+        except Exception:  # noqa: BLE001 - not observable: say so rather than guess
             out[inst.instance_id] = None
     return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # ---------------------------------------------------------------- migration-downtime
@@ -353,31 +318,25 @@ def add_downtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--repeats", type=int, default=3, help="migrations per (length, mode)")
     p.add_argument("--output-len", type=int, default=128, help="max_tokens of each request")
-    p.add_argument("--migrate-after", type=int, default=8, help="tokens streamed before the migration")
+    p.add_argument("--migrate-after", type=int, default=8,
+                   help="tokens streamed before the migration")
     p.add_argument("--block-size", type=int, default=32, help="KV block size (0: vLLM's default)")
     p.add_argument("--kv-cache-gib", type=float, default=None,
                    help="per instance (default: room for two of the longest sequences)")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES),
                    help="float32 keeps the preset's 64 KiB of KV per token")
-    p.add_argument("--quick", action="store_true", help="lengths 256,1024,4096, 2 repeats, 96 tokens")
+    p.add_argument("--quick", action="store_true",
+                   help="lengths 256,1024,4096, 2 repeats, 96 tokens")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--name", default="migration-downtime", help="output file stem")
 
 
-def _random_ids(length: int, vocab: int, exclude: set[int], seed: int) -> list[int]:
-    import numpy as np
-
-    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(exclude, dtype=np.int64))
-    return np.random.default_rng(seed).choice(allowed, size=length).tolist()
-
-
-async def _downtime_trial(cluster, client, prompt, args, request_id: str, mode: str | None) -> dict:
+async def _downtime_trial(cluster, client: AsyncClient, prompt, args, request_id: str,
+                          mode: str | None) -> dict:
     """One request; migrated once (mode) after `migrate_after` tokens, or not at all (None)."""
-    from router.errors import RequestError
-
     router = cluster.router
-    s = _Stream(client, request_id, prompt, args.output_len)
-    await s.reach(args.migrate_after)
+    s = StreamRecorder(client, prompt, args.output_len, request_id=request_id)
+    await s.reach(args.migrate_after, timeout_s=300.0)
     state = router.table.get(request_id)
     while state is not None and state.phase != "decode" and not s.task.done():
         await asyncio.sleep(0.005)
@@ -389,14 +348,14 @@ async def _downtime_trial(cluster, client, prompt, args, request_id: str, mode: 
             rec = await router.migrate(request_id, None, trigger="bench", mode=mode)
             d = rec.to_dict()
         except RequestError as exc:
-            d = {"state": "refused", "reason": f"{exc.code.name}: {exc.message}", "downtime_s": None,
-                 "stages": 0, "blocks_copied": 0, "tokens_moved": 0, "duration_s": None,
-                 "source": None, "target": None, "phases_s": {}}
+            d = {"state": "refused", "reason": f"{exc.code.name}: {exc.message}",
+                 "downtime_s": None, "stages": 0, "blocks_copied": 0, "tokens_moved": 0,
+                 "duration_s": None, "source": None, "target": None, "phases_s": {}}
         t_back = time.perf_counter() - s.t0
         window = (t_call, t_back + 0.25)
-        trial.update(state=d["state"], reason=d["reason"], source=d["source"], target=d["target"],
-                     stages=d["stages"], blocks_copied=d["blocks_copied"], tokens_moved=d["tokens_moved"],
-                     downtime_ms=None if d["downtime_s"] is None else d["downtime_s"] * 1000,
+        trial.update(state=d["state"], reason=d["reason"], source=d["source"],
+                     target=d["target"], stages=d["stages"], blocks_copied=d["blocks_copied"],
+                     tokens_moved=d["tokens_moved"], downtime_ms=_ms(d["downtime_s"]),
                      migration_s=d["duration_s"], migrate_call_s=t_back - t_call,
                      phases_ms={k: v * 1000 for k, v in d.get("phases_s", {}).items()},
                      tokens_before=len(s.tokens))
@@ -404,32 +363,34 @@ async def _downtime_trial(cluster, client, prompt, args, request_id: str, mode: 
     r = s.record
     gaps = stream_gaps(r.chunk_times, r.chunk_tokens, window or (math.inf, math.inf))
     trial.update(status=r.status, output_tokens=len(s.tokens), served_by=r.served_by,
-                 client_max_gap_ms=None if gaps["max_gap_s"] is None else gaps["max_gap_s"] * 1000,
-                 client_median_itl_ms=None if gaps["median_itl_s"] is None else gaps["median_itl_s"] * 1000,
-                 tokens=s.tokens)
+                 client_max_gap_ms=_ms(gaps["max_gap_s"]),
+                 client_median_itl_ms=_ms(gaps["median_itl_s"]), tokens=s.tokens)
     return trial
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) -> dict:
-    import ray
-
-    from cluster.client import AsyncClient
-    from cluster.entrypoints.launcher import start_cluster
-
     bpt = model_kv_bytes_per_token(model, args.dtype)
     block = args.block_size or None
     max_len = max(lengths) + args.output_len + 8
     kv_gib = args.kv_cache_gib or round(cache_gib(2 * max_len, bpt, block or 128) * 1.1, 3)
-    config = _serve_config(model, max_len, kv_gib, block, MigrationConfig(enabled=False), args.dtype)
+    config = _serve_config(model, max_len, kv_gib, block, MigrationConfig(enabled=False),
+                           args.dtype)
     cluster = await start_cluster(config)
     router = cluster.router
     decode = [i for i in router.instances.values() if i.role == "decode"]
     info = decode[0].info
-    print(f"[migration-downtime] {bpt} KV bytes/token, block {info.block_size}, {info.num_total_blocks} "
-          f"blocks ({kv_gib} GiB) per instance", file=sys.stderr, flush=True)
+    print(f"[migration-downtime] {bpt} KV bytes/token, block {info.block_size}, "
+          f"{info.num_total_blocks} blocks ({kv_gib} GiB) per instance",
+          file=sys.stderr, flush=True)
     client = AsyncClient(f"127.0.0.1:{cluster.port}", timeout=900)
     exclude = {0, 1, 2, *info.eos_token_ids}
-    prompts = {L: _random_ids(L, info.vocab_size, exclude, seed=L) for L in lengths}
+    # One generator per length: a length's prompt is the same whichever lengths run.
+    prompts = {L: random_token_ids([L], info.vocab_size, exclude, np.random.default_rng(L))[0]
+               for L in lengths}
     trials, references = [], {}
     try:
         # Warm-up (discarded): every mode on a short sequence, then the copying modes at the
@@ -444,24 +405,25 @@ async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) 
             ref = await _downtime_trial(cluster, client, prompts[L], args, f"ref-{L}", None)
             references[L] = ref
             await _wait_idle(router)
-            print(f"[migration-downtime] L={L}: unmigrated ITL {_cell(ref['client_median_itl_ms'])} ms",
-                  file=sys.stderr, flush=True)
+            print(f"[migration-downtime] L={L}: unmigrated ITL "
+                  f"{_cell(ref['client_median_itl_ms'])} ms", file=sys.stderr, flush=True)
         # Interleaved: repeat, length, mode, so drift on a shared machine hits every mode alike.
         for rep in range(args.repeats):
             for L in lengths:
                 for mode in modes:
-                    t = await _downtime_trial(cluster, client, prompts[L], args, f"dt-{L}-{mode}-{rep}", mode)
+                    t = await _downtime_trial(cluster, client, prompts[L], args,
+                                              f"dt-{L}-{mode}-{rep}", mode)
                     t["repeat"] = rep
                     t["equal"] = t["tokens"] == references[L]["tokens"]
                     if not t["equal"]:
-                        t["first_difference"] = next(
-                            (i for i, (a, b) in enumerate(zip(t["tokens"], references[L]["tokens"])) if a != b),
-                            min(len(t["tokens"]), len(references[L]["tokens"])))
+                        t["first_difference"] = first_difference(t["tokens"],
+                                                                 references[L]["tokens"])
                     trials.append(t)
-                    print(f"[migration-downtime] rep {rep} L={L:>5} {mode:>9}: {t['state']}"
-                          f"{' (' + t['reason'] + ')' if t['reason'] else ''}, downtime "
-                          f"{_cell(t['downtime_ms'])} ms, client gap {_cell(t['client_max_gap_ms'])} ms, "
-                          f"stages {t['stages']}, blocks {t['blocks_copied']}, equal {t['equal']}",
+                    reason = f" ({t['reason']})" if t["reason"] else ""
+                    print(f"[migration-downtime] rep {rep} L={L:>5} {mode:>9}: {t['state']}{reason}"
+                          f", downtime {_cell(t['downtime_ms'])} ms, client gap "
+                          f"{_cell(t['client_max_gap_ms'])} ms, stages {t['stages']}, "
+                          f"blocks {t['blocks_copied']}, equal {t['equal']}",
                           file=sys.stderr, flush=True)
                     await _wait_idle(router)
         migration_status = router.migration_snapshot()
@@ -474,14 +436,14 @@ async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) 
     return {"study": "migration-downtime",
             "config": vars(args) | {"model": model, "lengths": lengths, "modes": modes,
                                     "kv_bytes_per_token": bpt, "block_size": info.block_size,
-                                    "num_total_blocks": info.num_total_blocks, "kv_cache_gib": kv_gib,
-                                    "max_model_len": max_len},
+                                    "num_total_blocks": info.num_total_blocks,
+                                    "kv_cache_gib": kv_gib, "max_model_len": max_len},
             "references": {str(L): r for L, r in references.items()},
             "trials": trials, "router_migration_status": migration_status}
 
 
 def plot_downtime(results: dict, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     summary, trials = results["summary"], results["trials"]
     modes = results["config"]["modes"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -490,13 +452,16 @@ def plot_downtime(results: dict, path) -> None:
     for i, mode in enumerate(modes):
         rows = [r for r in summary["rows"] if r.get(f"{mode}_ms") is not None]
         xs = [r["length"] for r in rows]
-        ax.plot(xs, [r[f"{mode}_ms"] for r in rows], "o-", color=colors[i], label=f"{mode} (router, median)")
+        ax.plot(xs, [r[f"{mode}_ms"] for r in rows], "o-", color=colors[i],
+                label=f"{mode} (router, median)")
         ax.plot(xs, [r[f"{mode}_client_gap_ms"] for r in rows], "x:", color=colors[i],
                 label=f"{mode} (client max gap)")
         pts = [t for t in trials if t["mode"] == mode and t["downtime_ms"] is not None]
-        ax.scatter([t["length"] for t in pts], [t["downtime_ms"] for t in pts], color=colors[i], s=8, alpha=0.4)
+        ax.scatter([t["length"] for t in pts], [t["downtime_ms"] for t in pts], color=colors[i],
+                   s=8, alpha=0.4)
     itl = [r for r in summary["rows"] if r.get("median_itl_ms") is not None]
-    ax.plot([r["length"] for r in itl], [r["median_itl_ms"] for r in itl], "k--", lw=1, label="median ITL")
+    ax.plot([r["length"] for r in itl], [r["median_itl_ms"] for r in itl], "k--", lw=1,
+            label="median ITL")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length at migration (prompt tokens)")
@@ -507,8 +472,10 @@ def plot_downtime(results: dict, path) -> None:
     ax = axes[1]
     for mode in modes[1:]:
         rows = [r for r in summary["rows"] if r.get(f"{mode}_over_live") is not None]
-        ax.plot([r["length"] for r in rows], [r[f"{mode}_over_live"] for r in rows], "o-", label=f"{mode} / live")
-    ax.axhline(DOWNTIME_GOALS["stop_copy_over_live_min"], color="red", lw=0.8, ls="--", label="goal: 10x")
+        ax.plot([r["length"] for r in rows], [r[f"{mode}_over_live"] for r in rows], "o-",
+                label=f"{mode} / live")
+    ax.axhline(DOWNTIME_GOALS["stop_copy_over_live_min"], color="red", lw=0.8, ls="--",
+               label="goal: 10x")
     ax.axhline(1.0, color="grey", lw=0.8)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -518,7 +485,8 @@ def plot_downtime(results: dict, path) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     cfg = results["config"]
-    fig.suptitle(f"migration downtime: block {cfg['block_size']}, {cfg['kv_bytes_per_token'] // 1024} KiB KV/token")
+    fig.suptitle(f"migration downtime: block {cfg['block_size']}, "
+                 f"{cfg['kv_bytes_per_token'] // 1024} KiB KV/token")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -533,8 +501,6 @@ def downtime_main(args) -> int:
         raise SystemExit(f"--modes: a comma list of {MODES} that includes live")
     model = args.model
     if model is None:
-        from cluster.models.demo import default_models_dir, write_random_model
-
         model = str(write_random_model(default_models_dir(), "kv-heavy"))
     results = asyncio.run(_downtime_run(args, model, lengths, modes))
     results["summary"] = summarize_downtime(results["trials"], modes)
@@ -557,18 +523,23 @@ def add_skew_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-len", type=int, default=384)
     p.add_argument("--output-len", type=int, default=384)
     p.add_argument("--fill", type=float, default=0.75,
-                   help="decode KV cache sized so the burst's prompts fill this fraction of one instance")
-    p.add_argument("--kv-cache-gib", type=float, default=None, help="per instance (overrides --fill)")
+                   help="decode KV cache sized so the burst's prompts fill this fraction of one "
+                        "instance")
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="per instance (overrides --fill)")
     p.add_argument("--block-size", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPE_BYTES))
     p.add_argument("--high-priority-fraction", type=float, default=0.25)
-    p.add_argument("--headroom-blocks", type=int, default=16, help="priority run: high-priority headroom")
+    p.add_argument("--headroom-blocks", type=int, default=16,
+                   help="priority run: high-priority headroom")
     p.add_argument("--interval-s", type=float, default=0.5, help="balancing round interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs", default="off,on,priority", help="which of off, on, priority to run")
     p.add_argument("--repeats", type=int, default=3,
-                   help="identical bursts per run, each on a fresh cluster, runs interleaved (pooled)")
-    p.add_argument("--quick", action="store_true", help="one burst of 8 requests of 256 + 256 tokens")
+                   help="identical bursts per run, each on a fresh cluster, runs interleaved "
+                        "(pooled)")
+    p.add_argument("--quick", action="store_true",
+                   help="one burst of 8 requests of 256 + 256 tokens")
     p.add_argument("--out", default="bench-results")
     p.add_argument("--name", default="migration-skew", help="output file stem")
 
@@ -582,14 +553,16 @@ def high_priority_indices(n: int, fraction: float) -> set[int]:
     return {int(i * step + step / 2) for i in range(count)}
 
 
-async def _skew_burst(router, client, label: str, rep: int, prompts, priorities, output_len: int) -> dict:
+async def _skew_burst(router, client: AsyncClient, label: str, rep: int, prompts, priorities,
+                      output_len: int) -> dict:
     """One burst: decode-1 drains while every request lands on decode-0, then rejoins."""
     await _wait_idle(router)
     pre_before = await _preemptions(router)
     mig_before = router.migration_snapshot()
     await router.drain("decode-1")  # empty: returns at once, stays DRAINING
     t0 = time.perf_counter()
-    streams = [_Stream(client, f"{label}-{rep}-{i}", p, output_len, priorities[i], t0)
+    streams = [StreamRecorder(client, p, output_len, request_id=f"{label}-{rep}-{i}",
+                              priority=priorities[i], t0=t0)
                for i, p in enumerate(prompts)]
     samples = []
 
@@ -597,10 +570,11 @@ async def _skew_burst(router, client, label: str, rep: int, prompts, priorities,
         row = {"t": time.perf_counter() - t0, "phase": phase,
                "committed": router.migration_stats.committed - mig_before["committed"]}
         for inst in router.instances.values():
-            if inst.role == "decode" and inst.load is not None:
-                row[inst.instance_id] = {"used": inst.load.num_total_blocks - inst.load.num_free_blocks,
-                                         "total": inst.load.num_total_blocks,
-                                         "running": inst.load.num_running, "waiting": inst.load.num_waiting}
+            load = inst.load
+            if inst.role == "decode" and load is not None:
+                row[inst.instance_id] = {"used": load.num_total_blocks - load.num_free_blocks,
+                                         "total": load.num_total_blocks,
+                                         "running": load.num_running, "waiting": load.num_waiting}
         samples.append(row)
 
     # Placed: every request decodes (or is done) and decode-0 reports them all.
@@ -628,11 +602,14 @@ async def _skew_burst(router, client, label: str, rep: int, prompts, priorities,
     preemptions = None
     if all(pre_after.get(k) is not None and pre_before.get(k) is not None for k in pre_after):
         preemptions = int(sum(pre_after[k] - pre_before[k] for k in pre_after))
-    usage = [row["decode-0"]["used"] / row["decode-0"]["total"] for row in samples if "decode-0" in row]
+    usage = [row["decode-0"]["used"] / row["decode-0"]["total"] for row in samples
+             if "decode-0" in row]
     at_placement = next((row["decode-0"]["used"] / row["decode-0"]["total"] for row in samples
                          if row["phase"] == "placed" and "decode-0" in row), None)
-    aborted = {k: v - mig_before["aborted_by_reason"].get(k, 0) for k, v in mig["aborted_by_reason"].items()}
-    return {"repeat": rep, "records": records, "samples": samples, "duration_s": duration, "placed_s": placed_s,
+    aborted = {k: v - mig_before["aborted_by_reason"].get(k, 0)
+               for k, v in mig["aborted_by_reason"].items()}
+    return {"repeat": rep, "records": records, "samples": samples, "duration_s": duration,
+            "placed_s": placed_s,
             "migrations_committed": mig["committed"] - mig_before["committed"],
             "migrations_aborted": mig["aborted"] - mig_before["aborted"],
             "aborted_by_reason": {k: v for k, v in aborted.items() if v},
@@ -649,21 +626,17 @@ def _sum(values):
     return None if any(v is None for v in values) else sum(values)
 
 
-async def _skew_once(label: str, rep: int, model: str, args, migration: MigrationConfig, prompts, priorities,
-                     kv_gib: float) -> dict:
+async def _skew_once(label: str, rep: int, model: str, args, migration: MigrationConfig,
+                     prompts, priorities, kv_gib: float) -> dict:
     """A fresh cluster, a short warm-up, one burst."""
-    import ray
-
-    from cluster.client import AsyncClient
-    from cluster.entrypoints.launcher import start_cluster
-
-    config = _serve_config(model, args.input_len + args.output_len + 16, kv_gib, args.block_size, migration,
-                           args.dtype)
+    config = _serve_config(model, args.input_len + args.output_len + 16, kv_gib,
+                           args.block_size, migration, args.dtype)
     cluster = await start_cluster(config)
     router = cluster.router
     client = AsyncClient(f"127.0.0.1:{cluster.port}", timeout=1800)
     try:
-        warm = [_Stream(client, f"warm-{label}-{i}", prompts[i][:64], 16) for i in range(4)]
+        warm = [StreamRecorder(client, prompts[i][:64], 16, request_id=f"warm-{label}-{i}")
+                for i in range(4)]
         await asyncio.gather(*(w.task for w in warm))
         b = await _skew_burst(router, client, label, rep, prompts, priorities, args.output_len)
         status = router.migration_snapshot()
@@ -674,13 +647,17 @@ async def _skew_once(label: str, rep: int, model: str, args, migration: Migratio
         await cluster.stop()
         ray.shutdown()
     s = latency_stats(b["records"])
+    why = f": {b['aborted_by_reason']}" if b["aborted_by_reason"] else ""
     print(f"[migration-skew] {label} burst {rep}: p99 TPOT {_cell(s['p99_tpot_ms'])} ms, p99 E2E "
           f"{_cell(s['p99_e2e_ms'], 0)} ms, {b['migrations_committed']} migrations "
-          f"({b['migrations_aborted']} aborted{': ' + str(b['aborted_by_reason']) if b['aborted_by_reason'] else ''}), "
-          f"preemptions {b['preemptions']}, decode-0 KV at placement "
-          f"{_cell(b['decode0_kv_usage_at_placement'], 2)}, peak {_cell(b['decode0_peak_kv_usage'], 2)}",
-          file=sys.stderr, flush=True)
+          f"({b['migrations_aborted']} aborted{why}), preemptions {b['preemptions']}, decode-0 KV "
+          f"at placement {_cell(b['decode0_kv_usage_at_placement'], 2)}, "
+          f"peak {_cell(b['decode0_peak_kv_usage'], 2)}", file=sys.stderr, flush=True)
     return b
+
+
+_SAVED_MIGRATION_KNOBS = ("enabled", "interval_s", "high_priority_headroom_blocks",
+                          "migrate_out_threshold", "migrate_in_threshold")
 
 
 def aggregate_skew(label: str, bursts: list[dict], priorities, migration: MigrationConfig,
@@ -698,20 +675,23 @@ def aggregate_skew(label: str, bursts: list[dict], priorities, migration: Migrat
     downtimes = [d for b in bursts for d in b.get("migration_downtimes_ms", [])]
     out = {"label": label, **latency_stats(records),
            "migrations_committed": sum(b["migrations_committed"] for b in bursts),
-           "migrations_aborted": sum(b["migrations_aborted"] for b in bursts), "aborted_by_reason": aborted,
+           "migrations_aborted": sum(b["migrations_aborted"] for b in bursts),
+           "aborted_by_reason": aborted,
            "preemptions": _sum(b["preemptions"] for b in bursts),
            "decode0_peak_kv_usage": max((b["decode0_peak_kv_usage"] or 0.0) for b in bursts),
-           "decode0_kv_usage_at_placement": _median(b["decode0_kv_usage_at_placement"] for b in bursts),
+           "decode0_kv_usage_at_placement": _median(b["decode0_kv_usage_at_placement"]
+                                                    for b in bursts),
            "migration_downtime_p50_ms": _median(downtimes),
            "migration_downtime_max_ms": max(downtimes, default=None),
-           "migration_config": {k: getattr(migration, k) for k in ("enabled", "interval_s",
-                                                                     "high_priority_headroom_blocks",
-                                                                     "migrate_out_threshold", "migrate_in_threshold")},
-           "bursts": [{k: v for k, v in b.items() if k != "records"} | latency_stats(b["records"]) for b in bursts],
-           "requests": [_slim(r.to_dict()) | {"priority": priorities[r.index], "repeat": b["repeat"]}
+           "migration_config": {k: getattr(migration, k) for k in _SAVED_MIGRATION_KNOBS},
+           "bursts": [{k: v for k, v in b.items() if k != "records"} | latency_stats(b["records"])
+                      for b in bursts],
+           "requests": [_slim(r.to_dict()) | {"priority": priorities[r.index],
+                                              "repeat": b["repeat"]}
                         for b in bursts for r in b["records"]]}
     if high_indices:
-        out["high_priority_positions"] = latency_stats([r for r in records if r.index in high_indices])
+        out["high_priority_positions"] = latency_stats([r for r in records
+                                                        if r.index in high_indices])
     if high:
         out["high_priority"] = latency_stats(high)
         out["normal_priority"] = latency_stats(normal)
@@ -725,7 +705,8 @@ def format_priority_table(results: dict) -> str:
     hi, lo = pr["high_priority"], pr["normal_priority"]
     on = results["runs"].get("on")
     same_in_on = on.get("high_priority_positions") if on else None
-    results["priority_comparison"] = {"high": hi, "normal": lo, "same_requests_in_on_run": same_in_on}
+    results["priority_comparison"] = {"high": hi, "normal": lo,
+                                      "same_requests_in_on_run": same_in_on}
     lines = [f"{'priority run':<28}{'p50 TPOT':>10}{'p99 TPOT':>10}{'p99 E2E':>10}{'migrated':>9}"]
     for name, s in (("high priority (1)", hi), ("normal priority (0)", lo),
                     ("same requests, 'on' run", same_in_on)):
@@ -739,62 +720,63 @@ def format_priority_table(results: dict) -> str:
 
 
 def plot_skew(results: dict, path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     runs = results["runs"]
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
-    colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    colors = dict(zip(runs, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     ax = axes[0]
     for label, run in runs.items():
         first = run["bursts"][0]
         for inst, style in (("decode-0", "-"), ("decode-1", ":")):
-            pts = [(s["t"], s[inst]["used"] / s[inst]["total"]) for s in first["samples"] if inst in s]
+            pts = [(s["t"], s[inst]["used"] / s[inst]["total"]) for s in first["samples"]
+                   if inst in s]
             if pts:
-                ax.plot(*zip(*pts), style, color=colors[label], label=f"{label} {inst}")
+                ax.plot(*zip(*pts, strict=True), style, color=colors[label],
+                        label=f"{label} {inst}")
         ax.axvline(first["placed_s"], color=colors[label], lw=0.6, alpha=0.5)
     ax.set_xlabel("s since the burst (first burst)")
     ax.set_ylabel("KV blocks in use (fraction)")
     ax.set_title("decode KV use (vertical: decode-1 rejoins)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    import numpy as np
-
     for ax, key, title in ((axes[1], "tpot_ms", "TPOT CDF"), (axes[2], "e2e_ms", "E2E CDF")):
         for label, run in runs.items():
             v = np.sort([r[key] for r in run["requests"] if r.get(key) is not None])
             if v.size:
-                ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", color=colors[label], label=label)
+                ax.step(v, np.arange(1, v.size + 1) / v.size, where="post", color=colors[label],
+                        label=label)
             if label == "priority":
-                hv = np.sort([r[key] for r in run["requests"] if r.get(key) is not None and r["priority"] > 0])
+                hv = np.sort([r[key] for r in run["requests"]
+                              if r.get(key) is not None and r["priority"] > 0])
                 if hv.size:
-                    ax.step(hv, np.arange(1, hv.size + 1) / hv.size, where="post", color=colors[label], ls="--",
-                            label="priority: high only")
+                    ax.step(hv, np.arange(1, hv.size + 1) / hv.size, where="post",
+                            color=colors[label], ls="--", label="priority: high only")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests")
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     cfg = results["config"]
-    fig.suptitle(f"skewed burst: {cfg['burst']} x ({cfg['input_len']} + {cfg['output_len']}) tokens on one of two "
-                 f"decode instances, KV {cfg['kv_cache_gib']} GiB each, {cfg['repeats']} burst(s) per run")
+    fig.suptitle(f"skewed burst: {cfg['burst']} x ({cfg['input_len']} + {cfg['output_len']}) "
+                 f"tokens on one of two decode instances, KV {cfg['kv_cache_gib']} GiB each, "
+                 f"{cfg['repeats']} burst(s) per run")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
 def skew_main(args) -> int:
-    from cluster.models.tokenizer import load_serving_tokenizer
-
     if args.quick:
         args.burst, args.input_len, args.output_len, args.repeats = 8, 256, 256, 1
     if args.model is None:
-        from cluster.models.demo import build_demo_models
-
-        args.model = str(build_demo_models() / "target")
+        args.model = demo_target()
     model = args.model
     bpt = model_kv_bytes_per_token(model, args.dtype)
     prompt_tokens = args.burst * (args.input_len + 1 + args.block_size)  # whole blocks, first token
-    kv_gib = args.kv_cache_gib or round(cache_gib(int(prompt_tokens / args.fill), bpt, args.block_size), 4)
-    prompts = corpus_prompts(load_serving_tokenizer(model), args.burst, args.input_len, seed=args.seed)
+    kv_gib = args.kv_cache_gib or round(cache_gib(int(prompt_tokens / args.fill), bpt,
+                                                  args.block_size), 4)
+    prompts = corpus_token_prompts(load_serving_tokenizer(model), args.burst, args.input_len,
+                                   seed=args.seed)
     high = high_priority_indices(args.burst, args.high_priority_fraction)
     base = MigrationConfig(enabled=True, interval_s=args.interval_s)
     setups = {
@@ -809,9 +791,11 @@ def skew_main(args) -> int:
     bursts: dict[str, list[dict]] = {label: [] for label in wanted}
     for rep in range(args.repeats):
         for label in wanted:
-            bursts[label].append(asyncio.run(_skew_once(label, rep, model, args, setups[label][0], prompts,
-                                                        setups[label][1], kv_gib)))
-    runs = {label: aggregate_skew(label, bursts[label], setups[label][1], setups[label][0], high) for label in wanted}
+            migration, priorities = setups[label]
+            bursts[label].append(asyncio.run(_skew_once(label, rep, model, args, migration,
+                                                        prompts, priorities, kv_gib)))
+    runs = {label: aggregate_skew(label, bursts[label], setups[label][1], setups[label][0], high)
+            for label in wanted}
     results = {"study": "migration-skew",
                "config": vars(args) | {"kv_bytes_per_token": bpt, "kv_cache_gib": kv_gib,
                                        "high_priority_indices": sorted(high)},
@@ -819,7 +803,7 @@ def skew_main(args) -> int:
     priority_text = format_priority_table(results)
     path = write_results(args.out, args.name, results)
     plot_skew(results, path.with_suffix(".png"))
-    print(format_skew_table({k: v for k, v in runs.items()}, baseline="off" if "off" in runs else wanted[0]))
+    print(format_skew_table(runs, baseline="off" if "off" in runs else wanted[0]))
     if priority_text:
         print()
         print(priority_text)

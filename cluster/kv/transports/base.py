@@ -10,9 +10,11 @@ source keeps the blocks allocated until it is told to release them.
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import ray
 import torch
 
 from cluster.kv.layout import KVCacheView
@@ -52,8 +54,6 @@ class KVTransport(abc.ABC):
 def ask_source(ref, transfer_id: str, cache: KVCacheView, timeout_s: float) -> dict:
     """Waits (with a deadline) for a source's export of `transfer_id` and checks that its
     blocks fit this engine's cache; Ray failures become TransferError/TimeoutError."""
-    import ray
-
     try:
         payload = ray.get(ref, timeout=timeout_s)
     except ray.exceptions.GetTimeoutError as exc:
@@ -75,8 +75,6 @@ def tensor_to_wire(t: torch.Tensor) -> tuple[np.ndarray, str, tuple[int, ...]]:
 
 
 def tensor_from_wire(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> torch.Tensor:
-    import warnings
-
     with warnings.catch_warnings():  # arrays from Ray's object store are read-only; we only read them
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.from_numpy(data)

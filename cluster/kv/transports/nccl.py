@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import ray
 import torch
 
 from cluster.kv.layout import KVCacheView, LayerLayout
@@ -102,7 +103,7 @@ class NcclLink:
         with self.lock, torch.cuda.stream(self.stream):
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             nccl.groupStart()
-            for slab, buf in zip(slabs, buffers):
+            for slab, buf in zip(slabs, buffers, strict=True):
                 n = slab.numel() * slab.element_size()
                 self.comm.send(slab.data_ptr(), n, nccl.NCCL_UINT8, 0, self.stream.cuda_stream)
                 self.comm.recv(buf.data_ptr(), n, nccl.NCCL_UINT8, 0, self.stream.cuda_stream)
@@ -135,8 +136,6 @@ class NcclTransport(KVTransport):
         self._lock = threading.Lock()
 
     def _link(self, source, source_id: str, cache: KVCacheView, timeout_s: float) -> NcclLink:
-        import ray
-
         key = pair_key(source_id, self.instance_id)
         with self._lock:
             link = self._links.get(key)
@@ -153,8 +152,6 @@ class NcclTransport(KVTransport):
 
     def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
               timeout_s: float) -> int:
-        import ray
-
         source_id, handle = source.instance_id, source.actor
         link = self._link(handle, source_id, cache, timeout_s)
         plans = plan_transfer(cache.layers, len(block_ids))

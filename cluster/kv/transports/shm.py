@@ -94,7 +94,7 @@ def export_to_shm(pool: ShmPool, transfer_id: str, cache: KVCacheView, block_ids
     seg = pool.lend(transfer_id, sum(sizes))
     index = torch.tensor(block_ids, dtype=torch.long)
     layers, offset = [], 0
-    for layer, shape, size in zip(cache.layers, shapes, sizes):
+    for layer, shape, size in zip(cache.layers, shapes, sizes, strict=True):
         out = _slab_view(seg.buf, offset, shape, layer.dtype)
         torch.index_select(cache.tensors[layer.name], layer.block_dim, index, out=out)
         layers.append((offset, shape, str(layer.dtype).removeprefix("torch.")))
@@ -105,7 +105,7 @@ def export_to_shm(pool: ShmPool, transfer_id: str, cache: KVCacheView, block_ids
 def _scatter_from(seg, meta: dict, cache: KVCacheView, block_ids: list[int]) -> int:
     index = torch.tensor(block_ids, dtype=torch.long, device=cache.device)
     total = 0
-    for layer, (offset, shape, dtype) in zip(cache.layers, meta["layers"]):
+    for layer, (offset, shape, dtype) in zip(cache.layers, meta["layers"], strict=True):
         slab = _slab_view(seg.buf, offset, shape, getattr(torch, dtype))
         cache.tensors[layer.name].index_copy_(layer.block_dim, index, slab.to(cache.device))
         total += slab.numel() * slab.element_size()
@@ -124,7 +124,7 @@ class SharedMemoryTransport(KVTransport):
         seg = shared_memory.SharedMemory(name=meta["segment"])
         # Attaching registers the segment with this process's tracker, which would unlink it
         # at exit; the source owns it.
-        resource_tracker.unregister(seg._name, "shared_memory")  # noqa: SLF001
+        resource_tracker.unregister(seg._name, "shared_memory")
         try:
             return _scatter_from(seg, meta, cache, block_ids)
         finally:

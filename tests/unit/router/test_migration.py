@@ -18,9 +18,8 @@ import pytest
 
 from cluster.config import MigrationConfig, RouterConfig
 from cluster.kv.layout import blocks_for_tokens as blocks_for
-from cluster.protocol import EngineRequest, InstanceInfo, Sampling, TokenDelta
+from cluster.protocol import EngineRequest, InstanceInfo, Sampling, TokenDelta, stage_transfer_id, tail_transfer_id
 from decode_worker.migration_adapter import RequestProgress
-from cluster.protocol import stage_transfer_id, tail_transfer_id
 from decode_worker.worker import DecodeWorker
 from router.instances import Instance, InstanceState
 from router.migration import MigrationCoordinator, MigrationHost, advance

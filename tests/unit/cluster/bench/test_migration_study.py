@@ -1,14 +1,14 @@
-"""The pure parts of the migration studies (cluster/benchmarks/migration.py): KV sizing, the
+"""The pure parts of the migration studies (cluster/bench/studies/migration.py): KV sizing, the
 client's view of a migration's stall, the downtime table and its goals, the skew table."""
 
 import argparse
 
 import pytest
 
-from cluster.bench.harness import RequestRecord
+from cluster.bench.records import RequestRecord
 from cluster.bench.studies import STUDIES, load_study
 from cluster.bench.studies import migration as mb
-from cluster.models.demo import RANDOM_PRESETS, RandomPreset
+from cluster.models.random_weights import RANDOM_PRESETS, RandomPreset
 
 
 def test_both_studies_are_registered_with_the_cli():

@@ -1,4 +1,4 @@
-"""The pure parts of cluster.bench.harness: arrivals, lengths, ITL, percentiles, goodput, results."""
+"""The pure parts of cluster.bench: arrivals, lengths, ITL, percentiles, goodput, results."""
 
 import json
 import math
@@ -6,22 +6,19 @@ import math
 import numpy as np
 import pytest
 
-from cluster.bench.harness import (
-    BenchConfig,
+from cluster.bench.harness import BenchConfig
+from cluster.bench.plots import sweep_plot
+from cluster.bench.records import (
     RequestRecord,
-    arrival_offsets,
     build_result,
-    compare_table,
-    corpus_prompts,
     goodput,
     meets_slo,
     peak_concurrency,
     per_token_itl,
-    random_prompts,
-    sample_lengths,
     summarize,
-    sweep_plot,
 )
+from cluster.bench.report import compare_table
+from cluster.bench.workload import arrival_offsets, corpus_passages, random_prompts, sample_lengths
 
 # ---- arrivals
 
@@ -84,10 +81,10 @@ def test_lengths_never_drop_below_one():
 _TEXT = "".join(f"line {i}: x = {i} * 2\n" for i in range(2000))
 
 
-def test_corpus_prompts_are_deterministic_given_the_seed_and_start_on_a_line():
+def test_corpus_passages_are_deterministic_given_the_seed_and_start_on_a_line():
     def make(seed):
         rng = np.random.default_rng(seed)
-        return [p.prompt for p in corpus_prompts([10, 20], [5, 5], 3.0, rng, _TEXT)]
+        return [p.prompt for p in corpus_passages([10, 20], [5, 5], 3.0, rng, _TEXT)]
 
     a = make(0)
     assert a == make(0) and a != make(1)

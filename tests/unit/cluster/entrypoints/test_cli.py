@@ -10,12 +10,13 @@ import grpc
 import pytest
 import yaml
 
-from cluster.entrypoints import cli
 from cluster.client import status_to_dict
 from cluster.config import MigrationConfig
+from cluster.entrypoints import cli
 from proto import disagg_pb2 as pb
+from tests import REPO
 
-SERVE_YAML = Path(__file__).resolve().parents[2] / "deploy" / "config" / "serve.yaml"
+SERVE_YAML = REPO / "deploy" / "config" / "serve.yaml"
 BASE = ["up", "--model", "/models/m", "--prefill", "1", "--decode", "2"]
 
 
@@ -57,7 +58,7 @@ def test_each_flag_sets_its_field(flag, value, field, expected):
 
 def test_every_config_field_has_a_flag():
     flagged = {name for _, name, _, _ in cli._MIGRATION_FLAGS} | {"enabled", "selection"}
-    assert flagged == {f for f in MigrationConfig.__dataclass_fields__}
+    assert flagged == set(MigrationConfig.__dataclass_fields__)
 
 
 def test_migration_on_and_off():

@@ -47,7 +47,7 @@ def make_manager(enable_caching: bool = False) -> KVCacheManager:
 
 
 def engine_for(manager: KVCacheManager, requests: dict | None = None):
-    """What cluster/vllm_adapter.py reaches through: engine.engine_core.engine_core.scheduler."""
+    """What cluster/engine/vllm_adapter.py reaches through: engine.engine_core.engine_core.scheduler."""
     scheduler = SimpleNamespace(kv_cache_manager=manager, requests=requests if requests is not None else {})
     return SimpleNamespace(engine_core=SimpleNamespace(engine_core=SimpleNamespace(scheduler=scheduler)))
 
@@ -125,7 +125,7 @@ def test_adopted_blocks_become_the_requests_first_blocks(manager, engine):
     # Decoding on: vLLM grows the same table, one block per BLOCK tokens.
     req.status = RequestStatus.RUNNING
     req.num_computed_tokens = 13
-    for token in range(3):  # 14, 15, 16 tokens: still 4 blocks
+    for _ in range(3):  # 14, 15, 16 tokens: still 4 blocks
         req.append_output_token_ids(7)
         assert manager.allocate_slots(req, 1).get_block_ids()[0] == []
         req.num_computed_tokens += 1

@@ -10,20 +10,24 @@ from pathlib import Path
 
 import pytest
 
-from cluster.models import demo as models
-
-REPO = Path(__file__).resolve().parents[2]
+from cluster.models.cache import DONE, cached_build, default_models_dir
+from cluster.models.corpus import list_corpus_files, split_corpus, stdlib_dir
+from cluster.models.recipe import DemoRecipe, recipe_hash, tokenizer_hash
+from tests import REPO
 
 
 def test_recipe_hash_is_stable_within_a_process():
-    assert models.recipe_hash(models.DemoRecipe()) == models.recipe_hash(models.DemoRecipe())
-    digest = models.recipe_hash(models.DemoRecipe())
+    assert recipe_hash(DemoRecipe()) == recipe_hash(DemoRecipe())
+    digest = recipe_hash(DemoRecipe())
     assert len(digest) == 12 and int(digest, 16) >= 0
 
 
 def test_recipe_hash_is_stable_across_processes():
     # Different hash seeds must not matter: the name of the cache dir is shared by processes.
-    code = "from cluster.models import demo as models; print(models.recipe_hash(models.DemoRecipe()))"
+    code = (
+        "from cluster.models.recipe import DemoRecipe, recipe_hash; "
+        "print(recipe_hash(DemoRecipe()))"
+    )
     seen = set()
     for seed in ("1", "2"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
@@ -36,7 +40,7 @@ def test_recipe_hash_is_stable_across_processes():
             check=True,
         )
         seen.add(out.stdout.strip())
-    assert seen == {models.recipe_hash(models.DemoRecipe())}
+    assert seen == {recipe_hash(DemoRecipe())}
 
 
 @pytest.mark.parametrize(
@@ -50,30 +54,26 @@ def test_recipe_hash_is_stable_across_processes():
     ],
 )
 def test_recipe_hash_changes_with_any_hyperparameter(change):
-    base = models.DemoRecipe()
-    assert models.recipe_hash(dataclasses.replace(base, **change)) != models.recipe_hash(base)
+    base = DemoRecipe()
+    assert recipe_hash(dataclasses.replace(base, **change)) != recipe_hash(base)
 
 
 def test_tokenizer_hash_ignores_model_hyperparameters():
-    base = models.DemoRecipe()
-    assert models.tokenizer_hash(dataclasses.replace(base, num_layers=8)) == models.tokenizer_hash(
-        base
-    )
-    assert models.tokenizer_hash(
-        dataclasses.replace(base, vocab_size=2048)
-    ) != models.tokenizer_hash(base)
+    base = DemoRecipe()
+    assert tokenizer_hash(dataclasses.replace(base, num_layers=8)) == tokenizer_hash(base)
+    assert tokenizer_hash(dataclasses.replace(base, vocab_size=2048)) != tokenizer_hash(base)
 
 
 def test_recipe_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
-        models.DemoRecipe().seed = 3  # type: ignore[misc]
+        DemoRecipe().seed = 3  # type: ignore[misc]
 
 
 def test_corpus_listing_is_deterministic_sorted_and_clean():
-    root = models.stdlib_dir()
-    files = models.list_corpus_files()
+    root = stdlib_dir()
+    files = list_corpus_files()
     assert files, "no stdlib sources found"
-    assert files == models.list_corpus_files()
+    assert files == list_corpus_files()
     rels = [f.relative_to(root).as_posix() for f in files]
     assert rels == sorted(rels)
     assert all(r.endswith(".py") for r in rels)
@@ -82,9 +82,9 @@ def test_corpus_listing_is_deterministic_sorted_and_clean():
 
 
 def test_corpus_split_is_deterministic_and_disjoint():
-    recipe = models.DemoRecipe()
-    train, held = models.split_corpus(recipe)
-    assert (train, held) == models.split_corpus(recipe)
+    recipe = DemoRecipe()
+    train, held = split_corpus(recipe)
+    assert (train, held) == split_corpus(recipe)
     assert train and held
     assert sum(map(len, train)) <= recipe.corpus_max_bytes + recipe.max_file_bytes
     assert not set(train) & set(held)
@@ -92,9 +92,9 @@ def test_corpus_split_is_deterministic_and_disjoint():
 
 def test_default_models_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("DISAGG_MODELS_DIR", str(tmp_path))
-    assert models.default_models_dir() == tmp_path
+    assert default_models_dir() == tmp_path
     monkeypatch.delenv("DISAGG_MODELS_DIR")
-    assert models.default_models_dir() == Path.home() / ".cache" / "disagg-serve" / "models"
+    assert default_models_dir() == Path.home() / ".cache" / "disagg-serve" / "models"
 
 
 def test_cached_build_runs_once_and_marks_done(tmp_path):
@@ -104,11 +104,11 @@ def test_cached_build_runs_once_and_marks_done(tmp_path):
         calls.append(tmp)
         (tmp / "payload").write_text("x")
 
-    first = models._cached_build(tmp_path, "thing", build)
-    second = models._cached_build(tmp_path, "thing", build)
+    first = cached_build(tmp_path, "thing", build)
+    second = cached_build(tmp_path, "thing", build)
     assert first == second == tmp_path.resolve() / "thing"
     assert len(calls) == 1
-    assert (first / models.DONE).is_file() and (first / "payload").read_text() == "x"
+    assert (first / DONE).is_file() and (first / "payload").read_text() == "x"
 
 
 def test_interrupted_build_leaves_nothing_complete(tmp_path):
@@ -117,6 +117,6 @@ def test_interrupted_build_leaves_nothing_complete(tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        models._cached_build(tmp_path, "thing", boom)
+        cached_build(tmp_path, "thing", boom)
     assert not (tmp_path / "thing").exists()
     assert not list(tmp_path.glob(".tmp-thing-*"))

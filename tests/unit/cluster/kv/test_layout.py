@@ -42,7 +42,7 @@ def test_blocks_move_byte_for_byte_between_engines(make):
     dst.write_blocks(dst_blocks, slabs)
     for layer in src.layers:
         s, d = src.tensors[layer.name], dst.tensors[layer.name]
-        for a, b in zip(src_blocks, dst_blocks):
+        for a, b in zip(src_blocks, dst_blocks, strict=True):
             assert torch.equal(s.select(layer.block_dim, a), d.select(layer.block_dim, b))
         untouched = [i for i in range(NUM_BLOCKS) if i not in dst_blocks]
         for i in untouched:

@@ -33,7 +33,7 @@ def test_streamed_text_equals_full_decode(tokenizer, chunk):
 
 def test_split_multibyte_character_waits_for_completion(tokenizer):
     # "☕" is three UTF-8 bytes: feed them as single-byte tokens.
-    mapping = dict(zip(range(256), _byte_tokens(tokenizer)))
+    mapping = dict(zip(range(256), _byte_tokens(tokenizer), strict=True))
     pieces = [mapping[b] for b in "☕".encode()]
     detok = IncrementalDetokenizer(tokenizer, [])
     assert detok.push(pieces[:1]) == ""
@@ -42,7 +42,7 @@ def test_split_multibyte_character_waits_for_completion(tokenizer):
 
 
 def test_flush_emits_incomplete_tail(tokenizer):
-    mapping = dict(zip(range(256), _byte_tokens(tokenizer)))
+    mapping = dict(zip(range(256), _byte_tokens(tokenizer), strict=True))
     detok = IncrementalDetokenizer(tokenizer, [])
     assert detok.push([mapping["☕".encode()[0]]]) == ""
     assert detok.flush() == "\ufffd"
@@ -63,5 +63,5 @@ def _single_byte_id(tokenizer, byte):
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    char = dict(zip(bs, map(chr, cs)))[byte]
+    char = dict(zip(bs, map(chr, cs), strict=True))[byte]
     return tokenizer.convert_tokens_to_ids(char)
