@@ -1,6 +1,10 @@
-"""A workaround for a vLLM 0.32.0 CPU bug that breaks sampled speculative decoding, pinned to
-that version. Every engine that speculates on CPU needs it (ours and the plain baselines), so
-it lives with the engine adapter, not with TETRIS.
+"""Workarounds for vLLM 0.32.0 bugs that break sampled speculative decoding, pinned to that
+version. Every engine that speculates needs them (ours and the plain baselines), so they live
+with the engine adapter, not with TETRIS:
+
+- ``fix_cpu_expand_kernel``: on CPU, sampled verification reads uninitialised temperatures;
+- ``fix_top_k_without_drafts``: a step in which no request verifies a draft crashes when any
+  request of the batch uses top-k (any device).
 
 `cpu_fix_problems()` names what moved when vLLM changes; tests/unit/decode_worker/test_spec_adapter.py
 calls it through decode_worker.spec_adapter.check_vllm_internals().
@@ -85,6 +89,38 @@ def fix_cpu_expand_kernel() -> bool:
     return True
 
 
+_original_apply_top_k_top_p = None  # the rejection sampler's, once fix_top_k_without_drafts wrapped it
+
+
+def _apply_top_k_top_p_any_rows(logits, k, p):
+    """vLLM's ``apply_top_k_top_p``, except that zero rows come back untouched."""
+    if logits.shape[0] == 0:
+        return logits
+    return _original_apply_top_k_top_p(logits, k, p)
+
+
+def fix_top_k_without_drafts() -> None:
+    """Work around a vLLM 0.32.0 crash of speculating engines.
+
+    With speculative decoding on, vLLM's model runner always samples through the rejection
+    sampler, also in steps where no request has a draft (every prefill step, and every step in
+    which the policy verifies nothing).  Its ``apply_sampling_constraints`` then applies top-k
+    to an empty ``[0, V]`` tensor, and ``apply_top_k_only`` calls ``k.max()`` on an empty
+    tensor: ``RuntimeError: max(): Expected reduction dim to be specified for input.numel() ==
+    0``, which kills the engine step as soon as one request of such a batch sets ``top_k``.
+    Wraps the rejection sampler's ``apply_top_k_top_p`` so that zero rows pass through
+    (nothing to constrain).  Idempotent.
+    """
+    from vllm.v1.sample import rejection_sampler
+
+    global _original_apply_top_k_top_p
+    current = rejection_sampler.apply_top_k_top_p
+    if current is _apply_top_k_top_p_any_rows:
+        return
+    _original_apply_top_k_top_p = current
+    rejection_sampler.apply_top_k_top_p = _apply_top_k_top_p_any_rows
+
+
 def cpu_fix_problems() -> list[str]:
     """What moved in vLLM among the things fix_cpu_expand_kernel relies on (empty: nothing)."""
     problems: list[str] = []
@@ -115,5 +151,10 @@ def cpu_fix_problems() -> list[str]:
         need(hasattr(rejection_sampler, "expand_kernel")
              and "_expand(" in src(rejection_sampler.expand_batch_to_tokens),
              "rejection_sampler.expand_kernel / expand_batch_to_tokens calling _expand(...)")
+        need(hasattr(rejection_sampler, "apply_top_k_top_p")
+             and "return apply_top_k_top_p(logits, top_k, top_p)"
+             in src(rejection_sampler.apply_sampling_constraints),
+             "rejection_sampler.apply_sampling_constraints calling the module's apply_top_k_top_p "
+             "(fix_top_k_without_drafts wraps it)")
 
     return problems

@@ -9,7 +9,7 @@ import pytest
 import ray
 
 from cluster.config import EngineConfig, PoolConfig, TransferConfig
-from cluster.entrypoints.launcher import spawn_worker
+from cluster.entrypoints.deployment import spawn_worker
 from cluster.protocol import EngineRequest, Sampling
 from tests.integration.support import MAX_MODEL_LEN, corpus_token_ids, reference_greedy
 
@@ -41,7 +41,7 @@ def start(target_model, role, name, policy="recompute", **engine_overrides):
 class StuckSource:
     """A source that accepts the call and never answers: the transfer must hit its deadline."""
 
-    def kv_export(self, transfer_id):
+    def kv_endpoints(self):
         time.sleep(3600)
 
     def kv_release(self, transfer_id):

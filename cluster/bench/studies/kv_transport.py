@@ -1,141 +1,231 @@
-"""KV transport bandwidth: moving 1 MB .. 256 MB of KV blocks between two worker processes
-through the real agent + transport path, against a plain memory copy of the same bytes in one
-process (the ceiling on this machine). Same run, printed ratio, JSON + PNG."""
+"""KV transport bandwidth between engine ranks: the real side channel, transports and head
+re-splitting (cluster/kv/), with synthetic vLLM-shaped caches in separate processes (no model),
+for rank pairs TP1->TP1, TP2->TP2, TP2->TP1 and TP1->TP2, at 64 KB .. 256 MB, against a plain
+memory copy of the same bytes in one process (the ceiling) and Ray's object store (put in one
+process, get in another). Also the time to ready of a real engine instance by TP degree.
+Same run, printed ratios, JSON + PNG."""
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import statistics
 import sys
 import time
 
+import numpy as np
 import ray
 import torch
 
 from cluster.bench.plots import pyplot
 from cluster.bench.studies.common import write_results
-from cluster.kv.agent import KVTransferAgent
-from cluster.kv.transports import SourceRef, make_transport
+from cluster.config import EngineConfig, PoolConfig
+from cluster.entrypoints.deployment import spawn_worker
+from cluster.kv.connector.metadata import DisaggMetadata, LoadSpec, SourceSpec
+from cluster.kv.connector.worker import RankGeometry, RankWorker
+from cluster.kv.heads import heads_of_rank
+from cluster.models.demo import demo_target
 
-BLOCK_BYTES = 1 << 20  # 1 MiB blocks keep the block count small at every size
-LAYERS = 4
+LAYERS, HEADS, BLOCK, HEAD2 = 4, 2, 16, 128  # 64 KiB per block over all layers and heads (float32)
+BLOCK_BYTES = LAYERS * HEADS * BLOCK * HEAD2 * 4
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sizes-mb", default="1,4,16,64,256")
+    p.add_argument("--sizes-mb", default="0.0625,0.25,1,4,16,64,256")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--transports", default="shm,ray", help="comma list of: shm, ray, nccl")
-    p.add_argument("--device", default="cpu", help="cpu, or cuda for the nccl transport")
+    p.add_argument("--transports", default="shm,tcp", help="comma list of: shm, tcp")
+    p.add_argument("--pairs", default="1-1,2-2,2-1,1-2", help="source TP - destination TP")
+    p.add_argument("--engines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a real engine instance's start-up by TP degree (TP1, TP2)")
+    p.add_argument("--quick", action="store_true", help="1, 16 and 64 MB, 3 repeats")
     p.add_argument("--out", default="bench-results")
 
 
-def _caches(num_blocks: int, device: str) -> dict[str, torch.Tensor]:
-    per_layer = BLOCK_BYTES // LAYERS // 4  # float32 elements per block per layer
-    return {f"layer.{i}": torch.randn(num_blocks, per_layer, device=device)
-            for i in range(LAYERS)}
+# ---------------------------------------------------------------- one synthetic engine per process
 
 
-class _Endpoint:
-    """A process with a synthetic KV cache and a real KVTransferAgent (no engine)."""
+def _host(conn, name: str, tp: int, transport: str, num_blocks: int, seed: int) -> None:
+    """Runs the ranks of one synthetic engine and answers the parent's commands."""
+    torch.manual_seed(seed)
+    ranks = []
+    for r in range(tp):
+        heads = heads_of_rank(r, tp, HEADS)
+        worker = RankWorker({"host": "127.0.0.1", "transport": transport, "instance_id": name},
+                            RankGeometry(r, tp, HEADS, len(heads)))
+        worker.register_kv_caches({f"layer.{i}": torch.randn(num_blocks, len(heads), BLOCK, HEAD2)
+                                   for i in range(LAYERS)}, num_blocks)
+        ranks.append(worker)
+    conn.send(SourceSpec(name, tuple(w.endpoint() for w in ranks)))
+    while True:
+        cmd, *args = conn.recv()
+        if cmd == "stop":
+            break
+        if cmd == "meta":
+            for w in ranks:
+                w.on_metadata(args[0])
+            conn.send(True)
+        elif cmd == "load":
+            spec, key = args
+            for w in ranks:
+                w.results_ready.clear()
+            started = time.perf_counter()
+            for w in ranks:
+                w.on_metadata(DisaggMetadata(loads=[spec]))
+            pending, ok = set(range(tp)), True
+            while pending:
+                for i in list(pending):
+                    ranks[i].results_ready.wait(60)
+                    ranks[i].results_ready.clear()
+                    _, done, failed = ranks[i].take_results()
+                    if key in done:
+                        pending.discard(i)
+                        ok &= key not in failed
+            conn.send((time.perf_counter() - started, ok))
+    for w in ranks:
+        w.shutdown()
 
-    def __init__(self, name: str, num_blocks: int, transport: str, device: str):
-        self.name = name
-        self.agent = KVTransferAgent(name, make_transport(transport, name), timeout_s=120)
-        self.agent.register_kv_caches(_caches(num_blocks, device), num_blocks, block_size=1)
 
-    def hold(self, transfer_id: str, blocks: list[int]) -> None:
-        self.agent.hold(transfer_id, transfer_id, blocks, num_tokens=len(blocks))
+class _Engine:
+    def __init__(self, name: str, tp: int, transport: str, num_blocks: int, seed: int):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_host, args=(child, name, tp, transport, num_blocks, seed), daemon=True)
+        self.proc.start()
+        self.spec: SourceSpec = self.conn.recv()
 
-    def kv_export(self, transfer_id: str):
-        return self.agent.export(transfer_id)
+    def call(self, *cmd):
+        self.conn.send(cmd)
+        return self.conn.recv()
 
-    def kv_release(self, transfer_id: str) -> bool:
-        return self.agent.release(transfer_id)
-
-    def kv_export_shm(self, transfer_id: str):
-        return self.agent.export_shm(transfer_id)
-
-    def kv_nccl_join(self, key, unique_id, signature):
-        return self.agent.nccl_join(key, unique_id, signature)
-
-    def kv_nccl_send(self, key, transfer_id):
-        return self.agent.nccl_send(key, transfer_id)
-
-    def fetch(self, source_name: str, source, transfer_id: str, blocks: list[int]) -> float:
-        start = time.perf_counter()
-        self.agent.transport.fetch(SourceRef(source_name, source), transfer_id, self.agent.cache,
-                                   blocks, 120)
-        return time.perf_counter() - start
+    def stop(self) -> None:
+        self.conn.send(("stop",))
+        self.proc.join(30)
 
 
-def _memcpy_seconds(nbytes: int, device: str, repeats: int) -> float:
-    src = torch.randn(nbytes // 4, device=device)
+# ---------------------------------------------------------------- baselines
+
+
+def _memcpy_seconds(nbytes: int, repeats: int) -> float:
+    src = torch.randn(max(1, nbytes // 4))
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         dst.copy_(src)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+@ray.remote(num_cpus=0)
+class _ObjectSource:
+    def put(self, nbytes: int):
+        return [ray.put(np.ones(nbytes, dtype=np.uint8))]
+
+
+def _object_store_seconds(source, nbytes: int, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):
+        ref = ray.get(source.put.remote(nbytes))[0]
+        start = time.perf_counter()
+        data = ray.get(ref)
+        _ = np.array(data, copy=True)  # the bytes land in this process's memory, as a transfer's do
+        times.append(time.perf_counter() - start)
+        del data, ref
+    return statistics.median(times[1:])
+
+
+def _engine_start_seconds(tp: int) -> float:
+    """A real colocated engine (the demo model) from spawn to ready."""
+    config = EngineConfig(model=demo_target(), max_model_len=1024, dtype="float32", cpu_kv_cache_gib=0.25)
+    start = time.perf_counter()
+    actor = spawn_worker(config, PoolConfig("colocated", 1, 0.5, tensor_parallel_size=tp), f"ready-tp{tp}", None)
+    ray.get(actor.info.remote(), timeout=900)
+    elapsed = time.perf_counter() - start
+    ray.get(actor.shutdown.remote(), timeout=60)
+    ray.kill(actor)
+    return elapsed
+
+
+# ---------------------------------------------------------------- the study
+
+
 def run(args) -> dict:
-    sizes = [int(s) for s in args.sizes_mb.split(",")]
-    max_blocks = max(sizes) * (1 << 20) // BLOCK_BYTES
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    gpus = 1 if args.device.startswith("cuda") else 0
-    actor = ray.remote(num_cpus=0, num_gpus=gpus / 2 if gpus else 0, max_concurrency=4)(_Endpoint)
-    rows = []
+    sizes = [0.25, 1.0, 16.0, 64.0] if args.quick else [float(s) for s in args.sizes_mb.split(",")]
+    repeats = 3 if args.quick else args.repeats
+    pairs = [tuple(int(x) for x in p.split("-")) for p in args.pairs.split(",")]
+    num_blocks = int(max(sizes) * (1 << 20)) // BLOCK_BYTES + 1
+    rows, ready = [], {}
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
+        objects = _ObjectSource.remote()
+        baselines = {}
+        for size in sizes:
+            nbytes = max(1, int(size * (1 << 20)) // BLOCK_BYTES) * BLOCK_BYTES
+            baselines[size] = (_memcpy_seconds(nbytes, repeats), _object_store_seconds(objects, nbytes, repeats))
         for transport in args.transports.split(","):
-            src = actor.remote("src", max_blocks, transport, args.device)
-            dst = actor.remote("dst", max_blocks, transport, args.device)
-            for size in sizes:
-                blocks = list(range(size * (1 << 20) // BLOCK_BYTES))
-                times = []
-                for r in range(args.repeats + 1):  # the first round warms up (pools, NCCL links)
-                    tid = f"{transport}-{size}-{r}"
-                    ray.get(src.hold.remote(tid, blocks))
-                    times.append(ray.get(dst.fetch.remote("src", src, tid, blocks)))
-                    ray.get(src.kv_release.remote(tid))
-                nbytes = len(blocks) * BLOCK_BYTES
-                transfer_s = statistics.median(times[1:])
-                copy_s = _memcpy_seconds(nbytes, args.device, args.repeats)
-                row = {"transport": transport, "size_mb": size, "bytes": nbytes,
-                       "transport_s": transfer_s, "memcpy_s": copy_s,
-                       "transport_gbps": nbytes / transfer_s / 1e9,
-                       "memcpy_gbps": nbytes / copy_s / 1e9}
-                row["ratio_transport_over_memcpy"] = row["transport_gbps"] / row["memcpy_gbps"]
-                rows.append(row)
-                print(f"{size:>5} MB  {transport}: {row['transport_gbps']:7.2f} GB/s   memcpy: "
-                      f"{row['memcpy_gbps']:7.2f} GB/s   "
-                      f"ratio {row['ratio_transport_over_memcpy']:.3f}",
-                      file=sys.stderr, flush=True)
-            for a in (src, dst):
-                ray.kill(a)
+            for src_tp, dst_tp in pairs:
+                src = _Engine("src", src_tp, transport, num_blocks, seed=1)
+                dst = _Engine("dst", dst_tp, transport, num_blocks, seed=2)
+                try:
+                    for size in sizes:
+                        n = max(1, int(size * (1 << 20)) // BLOCK_BYTES)
+                        blocks = tuple(range(n))
+                        times = []
+                        for r in range(repeats + 1):  # the first round warms up (pools, connections)
+                            tid = f"{transport}-{src_tp}-{dst_tp}-{size}-{r}"
+                            src.call("meta", DisaggMetadata(new_holds={tid: blocks}))
+                            spec = LoadSpec(tid, tid, blocks, src.spec, time.time() + 120)
+                            seconds, ok = dst.call("load", spec, tid)
+                            if not ok:
+                                raise RuntimeError(f"transfer {tid} failed")
+                            times.append(seconds)
+                            src.call("meta", DisaggMetadata(dropped_holds=[tid]))
+                        rows.append(_row(transport, src_tp, dst_tp, size, n * BLOCK_BYTES,
+                                         statistics.median(times[1:]), *baselines[size]))
+                finally:
+                    src.stop()
+                    dst.stop()
+        if args.engines:
+            for tp in (1, 2):
+                ready[f"tp{tp}"] = _engine_start_seconds(tp)
+                print(f"engine TP{tp} ready in {ready[f'tp{tp}']:.1f} s", file=sys.stderr, flush=True)
     finally:
         ray.shutdown()
-    return {"study": "kv-transport", "config": vars(args), "rows": rows}
+    return {"study": "kv-transport", "config": vars(args), "block_bytes": BLOCK_BYTES, "rows": rows,
+            "engine_ready_s": ready}
+
+
+def _row(transport, src_tp, dst_tp, size, nbytes, seconds, memcpy_s, object_s) -> dict:
+    pairs = max(src_tp, dst_tp)  # rank pairs that move bytes at once
+    row = {"transport": transport, "pair": f"TP{src_tp}->TP{dst_tp}", "size_mb": size, "bytes": nbytes,
+           "seconds": seconds, "latency_ms": 1000 * seconds,
+           "total_gbps": nbytes / seconds / 1e9, "per_pair_gbps": nbytes / pairs / seconds / 1e9,
+           "memcpy_gbps": nbytes / memcpy_s / 1e9, "object_store_gbps": nbytes / object_s / 1e9}
+    row["ratio_over_memcpy"] = row["total_gbps"] / row["memcpy_gbps"]
+    row["ratio_over_object_store"] = row["total_gbps"] / row["object_store_gbps"]
+    print(f"{transport:>4} {row['pair']:>10} {size:>8.4g} MB: {row['total_gbps']:6.2f} GB/s total "
+          f"({row['per_pair_gbps']:5.2f}/pair, {row['latency_ms']:8.3f} ms)  memcpy {row['memcpy_gbps']:6.2f}  "
+          f"object store {row['object_store_gbps']:6.2f}  x memcpy {row['ratio_over_memcpy']:.2f}",
+          file=sys.stderr, flush=True)
+    return row
 
 
 def plot(results: dict, path) -> None:
     plt = pyplot()
     rows = results["rows"]
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for transport in dict.fromkeys(r["transport"] for r in rows):
-        rs = [r for r in rows if r["transport"] == transport]
-        ax.plot([r["size_mb"] for r in rs], [r["transport_gbps"] for r in rs], "o-",
-                label=f"{transport} transport")
-    first = [r for r in rows if r["transport"] == rows[0]["transport"]]
-    ax.plot([r["size_mb"] for r in first], [r["memcpy_gbps"] for r in first], "s--",
-            label="memcpy (same process)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key in dict.fromkeys((r["transport"], r["pair"]) for r in rows):
+        rs = [r for r in rows if (r["transport"], r["pair"]) == key]
+        ax.plot([r["size_mb"] for r in rs], [r["total_gbps"] for r in rs], "o-", label=f"{key[0]} {key[1]}")
+    base = [r for r in rows if (r["transport"], r["pair"]) == (rows[0]["transport"], rows[0]["pair"])]
+    ax.plot([r["size_mb"] for r in base], [r["memcpy_gbps"] for r in base], "s--", color="k", label="memcpy")
+    ax.plot([r["size_mb"] for r in base], [r["object_store_gbps"] for r in base], "x:", color="gray",
+            label="Ray object store")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("KV payload (MB)")
     ax.set_ylabel("GB/s")
-    ax.set_title("KV transfer bandwidth between worker processes")
-    ax.legend()
+    ax.set_title("KV transfer between engine ranks (separate processes)")
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -145,9 +235,13 @@ def main(args) -> int:
     results = run(args)
     path = write_results(args.out, "kv-transport", results)
     plot(results, path.with_suffix(".png"))
-    print(f"{'transport':>9} {'size':>8} {'GB/s':>8} {'memcpy GB/s':>12} {'ratio':>7}")
+    print(f"{'transport':>9} {'pair':>10} {'MB':>8} {'GB/s':>7} {'/pair':>7} {'ms':>9} {'memcpy':>7} "
+          f"{'objstore':>8} {'xmemcpy':>8} {'xobj':>6}")
     for r in results["rows"]:
-        print(f"{r['transport']:>9} {r['size_mb']:>6}MB {r['transport_gbps']:>8.2f} "
-              f"{r['memcpy_gbps']:>12.2f} {r['ratio_transport_over_memcpy']:>7.3f}")
+        print(f"{r['transport']:>9} {r['pair']:>10} {r['size_mb']:>8.4g} {r['total_gbps']:>7.2f} "
+              f"{r['per_pair_gbps']:>7.2f} {r['latency_ms']:>9.3f} {r['memcpy_gbps']:>7.2f} "
+              f"{r['object_store_gbps']:>8.2f} {r['ratio_over_memcpy']:>8.2f} {r['ratio_over_object_store']:>6.2f}")
+    for name, seconds in results["engine_ready_s"].items():
+        print(f"engine {name} ready in {seconds:.1f} s")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0

@@ -1,26 +1,30 @@
-"""The default transport: shared memory when source and destination share a host (and a CPU
-cache), Ray's object store otherwise."""
+"""The default transport: shared memory between ranks on one host (CPU caches), a TCP stream
+between hosts."""
 
 from __future__ import annotations
 
+from cluster.kv.channel import RankClient
 from cluster.kv.layout import KVCacheView
-from cluster.kv.transports.base import KVTransport, SourceRef
-from cluster.kv.transports.object_store import RayObjectTransport
+from cluster.kv.transports.base import FetchRequest, RankTransport, SourceContext
 from cluster.kv.transports.shm import SharedMemoryTransport
+from cluster.kv.transports.tcp import TcpTransport
 
 
-class AutoTransport(KVTransport):
-    """Shared memory when source and destination share a host, Ray's object store otherwise."""
-
+class AutoTransport(RankTransport):
     name = "auto"
 
-    def __init__(self, node_id: str | None):
-        self.node_id = node_id
+    def __init__(self, host: str):
+        self.host = host
         self.local = SharedMemoryTransport()
-        self.remote = RayObjectTransport()
+        self.remote = TcpTransport()
 
-    def fetch(self, source: SourceRef, transfer_id: str, cache: KVCacheView, block_ids: list[int],
-              timeout_s: float) -> int:
-        same_host = source.node_id is not None and source.node_id == self.node_id
-        transport = self.local if same_host and cache.device.type == "cpu" else self.remote
-        return transport.fetch(source, transfer_id, cache, block_ids, timeout_s)
+    def source_handlers(self, ctx: SourceContext):
+        return {**self.local.source_handlers(ctx), **self.remote.source_handlers(ctx)}
+
+    def fetch(self, client: RankClient, request: FetchRequest, view: KVCacheView) -> int:
+        same_host = client.endpoint.host == self.host and view.device.type == "cpu"
+        return (self.local if same_host else self.remote).fetch(client, request, view)
+
+    def close(self) -> None:
+        self.local.close()
+        self.remote.close()

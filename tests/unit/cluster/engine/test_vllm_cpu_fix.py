@@ -44,3 +44,21 @@ def test_vllm_cpu_expand_still_drops_float_outputs():
     out = torch.full((3,), -1.0)
     original(out, torch.tensor([0.8, 0.5]), cu, 0, 0)
     assert out.tolist() == [-1.0, -1.0, -1.0]  # nothing written: the bug
+
+
+def test_top_k_on_a_step_without_drafts_crashes_vllm_and_the_fix_passes_it_through():
+    """The bug fix_top_k_without_drafts works around (vLLM's own function still crashes on
+    zero rows; when this fails, vLLM fixed it: drop the fix), and the wrapper's contract."""
+    import torch
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
+
+    empty, k = torch.empty(0, 16), torch.empty(0, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="numel"):
+        apply_top_k_top_p(empty, k, None)
+    fix.fix_top_k_without_drafts()
+    fix.fix_top_k_without_drafts()  # idempotent
+    assert rejection_sampler.apply_top_k_top_p(empty, k, None).shape == (0, 16)
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
+    out = rejection_sampler.apply_top_k_top_p(logits.clone(), torch.tensor([2]), None)
+    assert torch.isinf(out[0, [0, 3]]).all() and out[0, 1] == 3.0

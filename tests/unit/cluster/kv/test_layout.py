@@ -1,9 +1,7 @@
 import pytest
 import torch
 
-from cluster.kv.layout import KVCacheView, blocks_for_tokens, find_block_dim
-from cluster.kv.transports.base import tensor_from_wire, tensor_to_wire
-from cluster.kv.transports.nccl import pair_key, plan_transfer
+from cluster.kv.layout import HeadRange, KVCacheView, blocks_for_tokens, find_block_dim, find_head_dim
 
 NUM_BLOCKS = 9
 
@@ -37,9 +35,9 @@ def test_blocks_move_byte_for_byte_between_engines(make):
     src, dst = KVCacheView(make(), NUM_BLOCKS), KVCacheView(make(), NUM_BLOCKS)
     assert src.signature() == dst.signature()
     src_blocks, dst_blocks = [4, 1, 7], [0, 8, 2]
-    slabs = src.read_blocks(src_blocks)
+    slabs = src.gather(src_blocks)
     before = {n: t.clone() for n, t in dst.tensors.items()}
-    dst.write_blocks(dst_blocks, slabs)
+    assert dst.scatter(dst_blocks, slabs) == 3 * src.bytes_per_block
     for layer in src.layers:
         s, d = src.tensors[layer.name], dst.tensors[layer.name]
         for a, b in zip(src_blocks, dst_blocks, strict=True):
@@ -51,52 +49,69 @@ def test_blocks_move_byte_for_byte_between_engines(make):
 
 def test_write_rejects_mismatched_payloads():
     view = KVCacheView(cpu_layout(), NUM_BLOCKS)
-    slabs = view.read_blocks([0, 1])
+    slabs = view.gather([0, 1])
     with pytest.raises(ValueError, match="layers"):
-        view.write_blocks([0, 1], slabs[:1])
-    with pytest.raises(ValueError, match="do not fit"):
-        view.write_blocks([0], slabs)
+        view.scatter([0, 1], slabs[:1])
+    with pytest.raises(ValueError, match="does not fit"):
+        view.scatter([0], slabs)
     with pytest.raises(ValueError, match="dtype"):
-        view.write_blocks([0, 1], [s.to(torch.float16) for s in slabs])
+        view.scatter([0, 1], [s.to(torch.float16) for s in slabs])
 
 
-def test_wire_round_trip_keeps_dtype_and_bytes():
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        t = torch.randn(3, 4, 5).to(dtype)
-        back = tensor_from_wire(*tensor_to_wire(t))
-        assert back.dtype == dtype and torch.equal(back.view(torch.uint8), t.view(torch.uint8))
+def test_head_dimension_per_layout():
+    assert find_head_dim((9, 2, 16, 16), 0, 2) == 1  # CPU: [blocks, heads, block_size, 2*head_size]
+    assert find_head_dim((2, 9, 16, 2, 8), 1, 2) == 3  # GPU: the K/V split of 2 comes first
+    with pytest.raises(ValueError):
+        find_head_dim((9, 4, 16, 16), 0, 2)
 
 
-def test_nccl_plan_matches_layout():
-    view = KVCacheView(gpu_layout(), NUM_BLOCKS)
-    plans = plan_transfer(view.layers, 3)
-    assert [p.layer for p in plans] == view.layer_names
-    assert all(p.shape == (3, 2, 16, 2, 8) for p in plans)
-    assert sum(p.nbytes for p in plans) == 3 * view.bytes_per_block
-    assert pair_key("prefill-0", "decode-1") == "prefill-0->decode-1"
+@pytest.mark.parametrize("make", [cpu_layout, gpu_layout])
+def test_head_ranges_move_only_their_heads(make):
+    """TP2 -> TP1: each source rank's one head lands in its half of the destination's blocks."""
+    full = make()
+    halves = [{name: t.narrow(KVCacheView(full, NUM_BLOCKS, 2).layers[0].head_dim, r, 1).clone()
+               for name, t in full.items()} for r in range(2)]
+    dst = KVCacheView({name: torch.zeros_like(t) for name, t in full.items()}, NUM_BLOCKS, 2)
+    for r, half in enumerate(halves):
+        src = KVCacheView(half, NUM_BLOCKS, 1)
+        assert src.signature() == dst.signature()  # the portable shape hides blocks and heads
+        dst.scatter([6, 2], src.gather([1, 4]), HeadRange(r, 1))
+    for layer in dst.layers:
+        t = full[layer.name]
+        for a, b in ((1, 6), (4, 2)):
+            assert torch.equal(t.select(layer.block_dim, a), dst.tensors[layer.name].select(layer.block_dim, b))
+    # And back: each TP2 rank gathers its head from the TP1 cache.
+    src = KVCacheView(full, NUM_BLOCKS, 2)
+    for r, half in enumerate(halves):
+        rank = KVCacheView({name: torch.zeros_like(t) for name, t in half.items()}, NUM_BLOCKS, 1)
+        rank.scatter([0], src.gather([3], HeadRange(r, 1)))
+        for layer in rank.layers:
+            got = rank.tensors[layer.name].select(layer.block_dim, 0)
+            assert torch.equal(half[layer.name].select(layer.block_dim, 3), got)
 
 
-@pytest.mark.parametrize("make", [cpu_layout, gpu_layout, lambda: cpu_layout(torch.bfloat16)])
-def test_shared_memory_export_and_scatter(make):
-    from multiprocessing import shared_memory
+def test_gather_into_caller_buffers():
+    view = KVCacheView(cpu_layout(), NUM_BLOCKS, 2)
+    out = [torch.empty(layer.slab_shape(2, HeadRange(1, 1)), dtype=layer.dtype) for layer in view.layers]
+    slabs = view.gather([5, 0], HeadRange(1, 1), out=out)
+    assert all(a is b for a, b in zip(slabs, out, strict=True))
+    assert sum(o.numel() * 4 for o in out) == view.slab_bytes(2, HeadRange(1, 1)) == view.bytes_per_block
 
-    from cluster.kv.transports.shm import ShmPool, _scatter_from, export_to_shm
 
-    src, dst = KVCacheView(make(), NUM_BLOCKS), KVCacheView(make(), NUM_BLOCKS)
-    pool = ShmPool()
-    try:
-        meta = export_to_shm(pool, "t1", src, [3, 5])
-        seg = shared_memory.SharedMemory(name=meta["segment"])
-        try:
-            assert _scatter_from(seg, meta, dst, [8, 0]) == 2 * src.bytes_per_block
-        finally:
-            seg.close()
-        for layer in src.layers:
-            s, d = src.tensors[layer.name], dst.tensors[layer.name]
-            assert torch.equal(s.select(layer.block_dim, 3), d.select(layer.block_dim, 8))
-            assert torch.equal(s.select(layer.block_dim, 5), d.select(layer.block_dim, 0))
-        pool.give_back("t1")
-        again = export_to_shm(pool, "t2", src, [1])  # the segment is reused, not reallocated
-        assert again["segment"] == meta["segment"]
-    finally:
-        pool.close()
+def test_block_runs_group_consecutive_ids():
+    from cluster.kv.layout import block_runs
+
+    assert block_runs([4, 5, 6, 1, 2, 9]) == [(0, 4, 3), (3, 1, 2), (5, 9, 1)]
+    assert block_runs([]) == []
+
+
+def test_scattered_blocks_take_the_indexed_path_with_the_same_bytes():
+    from cluster.kv.layout import MAX_RUNS
+
+    many = 2 * MAX_RUNS + 2
+    src = KVCacheView({"l": torch.randn(many * 2, 2, 4, 8)}, many * 2, 2)
+    dst = KVCacheView({"l": torch.zeros(many * 2, 2, 4, 8)}, many * 2, 2)
+    src_blocks, dst_blocks = list(range(0, 2 * many, 2)), list(range(1, 2 * many, 2))  # no two adjacent
+    dst.scatter(dst_blocks, src.gather(src_blocks))
+    assert torch.equal(dst.tensors["l"][dst_blocks], src.tensors["l"][src_blocks])
+    assert float(dst.tensors["l"][src_blocks].abs().sum()) == 0.0

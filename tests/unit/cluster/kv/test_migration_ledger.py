@@ -1,15 +1,13 @@
-"""MigrationLedger (destination reservations, source stop marks) on a fake block pool, and the
-KV agent's migration holds: stage views of a running request vs the owned tail hold."""
+"""MigrationLedger (destination reservations, source stop marks) on a fake block pool. The KV
+scheduler's migration holds (stage views vs the owned tail) are in test_scheduler.py."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 import cluster.kv.migration_ledger as km
-from cluster.kv.agent import KVTransferAgent
 from cluster.kv.migration_ledger import MigrationLedger, StopMark
 
 BLOCK = 4
@@ -255,63 +253,3 @@ def test_stop_marks_are_taken_once():
     assert led.take_stop_mark("i1") == StopMark("m#tail", 5)
     assert led.take_stop_mark("i1") is None
     assert led.take_stop_mark("i2") == StopMark("n#tail", 0)
-
-
-# ---------------------------------------------------------------- the agent's migration holds
-
-@pytest.fixture
-def agent():
-    a = KVTransferAgent("mig-test", transport=None, hold_timeout_s=60.0)
-    a.register_kv_caches({"l0": torch.zeros(16, 6)}, 16, BLOCK)
-    woke = []
-    a.on_event = lambda: woke.append(1)
-    a.woke = woke
-    yield a
-    a.shutdown()
-
-
-def test_releasing_a_stage_view_never_reports_finished_sending(agent):
-    agent.hold_view("m#s0", "i1", [3, 4, 5], 12)
-    assert agent.held_blocks("m#s0") == [3, 4, 5] and agent.num_holds == 1
-    assert agent.stats_snapshot()["blocks_held"] == 0  # the request still owns them
-    assert agent.release("m#s0") is True
-    assert agent.take_finished() == (set(), set(), set())  # vLLM must not free a running request
-    assert agent.woke == []
-    assert agent.release("m#s0") is False and agent.num_holds == 0
-
-
-def test_releasing_the_owned_tail_hold_lets_vllm_free_it(agent):
-    agent.hold_blocks("m#tail", "i1", [7, 2], 30)  # exactly these blocks, whatever the tokens
-    assert agent.held_blocks("m#tail") == [7, 2]
-    assert agent.stats_snapshot()["blocks_held"] == 2
-    assert agent.release("m#tail") is True
-    assert agent.take_finished() == ({"i1"}, set(), set())
-    assert agent.woke == [1]
-
-
-def test_hold_truncates_to_the_tokens_but_hold_blocks_does_not(agent):
-    agent.hold("t", "i", [1, 2, 3, 4], 5)  # 5 tokens: 2 blocks
-    agent.hold_blocks("u", "j", [1, 2, 3, 4], 5)
-    assert agent.held_blocks("t") == [1, 2] and agent.held_blocks("u") == [1, 2, 3, 4]
-
-
-def test_release_views_drops_only_that_migrations_views(agent):
-    agent.hold_view("m#s0", "i1", [1], 4)
-    agent.hold_view("m#s1", "i1", [2], 8)
-    agent.hold_view("m2#s0", "i2", [3], 4)
-    agent.hold_blocks("m#tail", "i1", [4], 12)
-    assert agent.release_views("m#") == 2
-    assert agent.held_blocks("m#s0") is None and agent.held_blocks("m#s1") is None
-    assert agent.held_blocks("m2#s0") == [3]  # another migration ("m2" is not "m#")
-    assert agent.held_blocks("m#tail") == [4]  # owned: only release() (or expiry) frees it
-    assert agent.take_finished() == (set(), set(), set())
-    assert agent.release_views("m#") == 0
-
-
-def test_expired_view_never_reports_finished_sending(agent):
-    agent.hold_timeout_s = 0.0
-    agent.hold_view("m#s0", "i1", [1], 4)
-    agent.hold_blocks("m#tail", "i2", [2], 8)
-    agent._holds["m#s0"].deadline = agent._holds["m#tail"].deadline = -1.0
-    assert agent.expire_holds() == 2
-    assert agent.take_finished() == ({"i2"}, set(), set())
