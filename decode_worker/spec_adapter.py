@@ -1,41 +1,46 @@
-"""TETRIS inside vLLM's draft-model speculative decoding: the one adapter, pinned to vLLM 0.32.0.
+"""Speculation inside vLLM's draft-model speculative decoding: the pins and the engine-level
+install, for vLLM 0.32.0.
 
-How it hooks in (in-process engine core, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``, V1 model
-runner, no async scheduling).  One engine step of vLLM 0.32.0 runs, in ``EngineCore``:
+The hook has two halves that never reach into each other (with tensor parallelism they run in
+different processes):
+
+* the **runner side** (``spec_runner.py``, ``install_runner_hooks(runner)``): skips the
+  draft model on steps that propose nothing, records the draft's confidence, couples seeded
+  requests' sampling (``seeded_sampling.py``) and attaches the confidences to the drafts;
+* the **scheduler side** (``spec_scheduler.py``, ``install_scheduler_hooks(scheduler,
+  config)``): chooses each step's proposal length and verification budget (SmartSpec,
+  ``smartspec.py``, or the fixed ``N * k``), picks the drafts (TETRIS, ``tetris.py``, on
+  calibrated probabilities, ``calibration.py``), trims the lists, books what was verified
+  and accepted, times the steps (``step_time.py``) and keeps the counters
+  (``spec_stats.py``).
+
+``install_tetris(engine, config)`` installs both on an in-process engine (uniprocess
+executor) or, with tensor parallelism, in every rank of vLLM's multiprocess executor
+(``collective_rpc`` runs ``install_in_rank`` there; the drafts' confidences come back on the
+output rank's ``DraftTokenIds``, which every rank computes alike).
+
+How one engine step of vLLM 0.32.0 runs, in ``EngineCore``:
 
 1. ``step``: ``Scheduler.schedule`` -> ``GPUModelRunner.execute_model`` / ``sample_tokens``,
-   which verifies the drafts scheduled this step and then calls
-   ``propose_draft_token_ids``: the drafter (``SpecDecodeBaseProposer.propose``) proposes
-   ``K = num_speculative_tokens`` tokens per request; with
+   which verifies the drafts scheduled this step (``_sample``: the rejection sampler) and
+   then calls ``propose_draft_token_ids``: the drafter (``SpecDecodeBaseProposer.propose``)
+   proposes ``scheduler_output.num_spec_tokens_to_schedule`` tokens per request; with
    ``draft_sample_method="probabilistic"`` and a batch that is not all-greedy it keeps the
    full-vocabulary draft distributions, which the runner stores as ``_draft_probs``
-   ``[num_reqs, K, V]`` with their row ids ``_draft_prob_req_ids``;
-   then ``Scheduler.update_from_output`` books the step (accepted tokens).
+   ``[num_reqs, K, V]`` with their row ids ``_draft_prob_req_ids``; then
+   ``Scheduler.update_from_output`` books the step (accepted tokens).
 2. ``post_step``: ``model_executor.take_draft_token_ids()`` ->
    ``GPUModelRunner.take_draft_token_ids`` returns ``DraftTokenIds(req_ids, lists)``, which
    ``Scheduler.update_draft_token_ids`` stores as each request's ``spec_token_ids``; the
    next ``schedule`` sends them to verification.
 
-The adapter patches four *instance* attributes (never a class):
+Trimming each request's list to a prefix is lossless: at verification
+``GPUModelRunner._get_spec_decode_draft_probs`` slices ``_draft_probs[row, :num_draft]`` by
+request id, so the kept probabilities stay aligned with the kept tokens; greedy requests
+verify by exact match; seeded requests verify by coupled sampling.
 
-* ``model_runner.take_draft_token_ids`` (the TETRIS hook): computes each draft token's
-  log-probability, runs ``tetris.plan`` over the batch's live decode requests and trims
-  each request's list to its prefix length before the scheduler sees it.  Trimming to a
-  prefix is lossless: at verification ``GPUModelRunner._get_spec_decode_draft_probs``
-  slices ``_draft_probs[row, :num_draft]`` by request id, so the kept probabilities stay
-  aligned with the kept tokens; greedy requests verify by exact match.
-* ``drafter._greedy_sample`` (confidence for all-greedy batches, where vLLM keeps no
-  probabilities): the same argmax as vLLM's own default branch, computed from the same
-  logits, plus the log-softmax of the chosen token, recorded per draft position.  The
-  other branches (local argmax reduction, heterogeneous vocabularies) call vLLM's original
-  and leave no confidence (TETRIS then falls back to window ``k`` for that step).
-* ``drafter.propose``: resets that record at the start of every proposal.
-* ``scheduler.update_from_output``: counts what was really verified and accepted
-  (vLLM's own rule: accepted = sampled tokens - ``num_sampled_tokens_per_step``), and reads
-  vLLM's ``SpecDecodingStats`` too when the engine logs stats.
-
-``check_vllm_internals()`` asserts every attribute, signature and source fact used here and
-names what moved.  See ``tests/unit/decode_worker/test_spec_adapter.py``.
+``check_vllm_internals()`` asserts every attribute, signature and source fact both halves use
+and names what moved.  See ``tests/unit/decode_worker/test_spec_adapter.py``.
 
 ``fix_cpu_expand_kernel()`` (``cluster/engine/vllm_cpu_fix.py``, called by ``install_tetris``
 and by every engine that speculates) works around a vLLM 0.32.0 CPU bug that makes sampled
@@ -52,17 +57,16 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import threading
-from collections import deque
-from dataclasses import dataclass, field, replace
-from typing import Any
+import os
+from dataclasses import replace
 
-import numpy as np
-import torch
-
-from cluster.engine.vllm_cpu_fix import cpu_fix_problems, fix_cpu_expand_kernel
+from cluster.engine.vllm_cpu_fix import cpu_fix_problems, fix_cpu_expand_kernel, fix_top_k_without_drafts
 from cluster.engine.vllm_pin import PINNED_VLLM_VERSION, VllmInternalsError, check_vllm_version
-from decode_worker.tetris import TetrisConfig, plan
+from decode_worker.smartspec import SmartSpecConfig
+from decode_worker.spec_runner import RunnerHooks, install_runner_hooks, uninstall_runner_hooks
+from decode_worker.spec_scheduler import SchedulerHooks, install_scheduler_hooks, uninstall_scheduler_hooks
+from decode_worker.spec_stats import StepRecord, TetrisStats
+from decode_worker.tetris import TetrisConfig
 
 __all__ = [
     "PINNED_VLLM_VERSION",
@@ -72,6 +76,9 @@ __all__ = [
     "check_vllm_internals",
     "check_vllm_version",
     "fix_cpu_expand_kernel",
+    "install_runner_hooks",
+    "install_scheduler_hooks",
+    "install_in_rank",
     "install_tetris",
     "model_runner_of",
     "set_tetris_config",
@@ -81,15 +88,6 @@ __all__ = [
 # sha256 of inspect.getsource(SpecDecodeBaseProposer._greedy_sample) in vLLM 0.32.0: the
 # adapter re-implements its default branch, so any edit to it must be reviewed.
 _GREEDY_SAMPLE_SHA256 = "e539abab1b225d277b31b48d90b95e45a7c38f3750080eb12d75ace9bcb174d8"
-
-_STATE_ATTR = "_disagg_tetris_state"
-# (owner, vLLM attribute) -> the _TetrisState method that replaces it on the instance.
-_PATCHED = {
-    ("runner", "take_draft_token_ids"): "take_draft_token_ids",
-    ("drafter", "_greedy_sample"): "greedy_sample",
-    ("drafter", "propose"): "propose",
-    ("scheduler", "update_from_output"): "update_from_output",
-}
 
 
 # --------------------------------------------------------------------------- pins
@@ -121,16 +119,23 @@ def check_vllm_internals() -> None:
         problems.append(str(e))
 
     try:
+        from vllm import SamplingParams
         from vllm.v1.core.sched.output import SchedulerOutput
         from vllm.v1.core.sched.scheduler import Scheduler
         from vllm.v1.engine.core import EngineCore
         from vllm.v1.engine.core_client import InprocClient
+        from vllm.v1.executor.multiproc_executor import MultiprocExecutor, WorkerProc
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
         from vllm.v1.outputs import DraftTokenIds, ModelRunnerOutput
         from vllm.v1.request import Request
+        from vllm.v1.sample.logits_processor.builtin import MinTokensLogitsProcessor
+        from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler, apply_top_k_top_p
+        from vllm.v1.sample.sampler import Sampler
         from vllm.v1.spec_decode.draft_model import DraftModelProposer
         from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
+        from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
         from vllm.v1.spec_decode.metrics import SpecDecodingStats
+        from vllm.v1.worker.gpu_input_batch import CachedRequestState
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
         from vllm.v1.worker.gpu_worker import Worker
         from vllm.v1.worker.worker_base import WorkerWrapperBase
@@ -146,6 +151,16 @@ def check_vllm_internals() -> None:
          "WorkerWrapperBase.worker")
     need("self.model_runner.take_draft_token_ids()" in src(Worker.take_draft_token_ids),
          "Worker.take_draft_token_ids delegating to model_runner.take_draft_token_ids()")
+    # Tensor parallelism: install_in_rank travels to every rank as a pickled callable that
+    # receives the rank's worker wrapper, which forwards attributes to the worker.
+    need("cloudpickle.dumps(method" in src(MultiprocExecutor.collective_rpc),
+         "MultiprocExecutor.collective_rpc sending callables with cloudpickle")
+    need("partial(cloudpickle.loads(method), self.worker)" in src(WorkerProc._execute_worker_rpc),
+         "WorkerProc._execute_worker_rpc calling a callable with the rank's worker wrapper")
+    need("return getattr(self.worker, attr)" in src(WorkerWrapperBase.__getattr__),
+         "WorkerWrapperBase.__getattr__ forwarding to the worker")
+    need("unique_reply_rank=self.output_rank" in src(MultiprocExecutor.take_draft_token_ids),
+         "MultiprocExecutor.take_draft_token_ids answering from the output rank")
 
     # EngineCore: post_step hands drafts to the scheduler unless async scheduling is on.
     post_step = src(EngineCore.post_step)
@@ -229,83 +244,93 @@ def check_vllm_internals() -> None:
          <= set(getattr(SpecDecodingStats, "__dataclass_fields__", {})),
          "SpecDecodingStats.num_drafts / num_draft_tokens / num_accepted_tokens")
 
+    # SmartSpec: the per-step proposal length and skipping the draft (spec_runner/scheduler).
+    sched_fields = getattr(SchedulerOutput, "__dataclass_fields__", {})
+    need("num_spec_tokens_to_schedule" in sched_fields, "SchedulerOutput.num_spec_tokens_to_schedule")
+    need("num_speculative_tokens=num_spec_tokens_to_schedule" in propose_src,
+         "GPUModelRunner.propose_draft_token_ids passing scheduler_output.num_spec_tokens_to_schedule "
+         "to drafter.propose(num_speculative_tokens=...)")
+    schedule_src = src(Scheduler.schedule)
+    need("self.dynamic_sd_lookup is None" in schedule_src
+         and "num_spec_tokens_to_schedule=num_spec_tokens_to_schedule" in schedule_src,
+         "Scheduler.schedule: placeholder-draft padding only without dynamic_sd_lookup, and "
+         "num_spec_tokens_to_schedule in the SchedulerOutput")
+    for attr in ("self.dynamic_sd_lookup", "self.max_num_running_reqs"):
+        need(attr in sched_init, f"Scheduler.__init__ sets {attr}")
+    need({"common_attn_metadata", "next_token_ids"} <= set(propose_params),
+         "SpecDecodeBaseProposer.propose(..., next_token_ids, common_attn_metadata, ...)")
+    need("self._last_draft_probs = None" in src(SpecDecodeBaseProposer.propose)
+         and "return self._last_draft_probs" in src(SpecDecodeBaseProposer.take_last_draft_probs),
+         "SpecDecodeBaseProposer._last_draft_probs behind take_last_draft_probs()")
+    try:
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+        need(callable(getattr(CommonAttentionMetadata, "batch_size", None)),
+             "CommonAttentionMetadata.batch_size()")
+    except ImportError:
+        problems.append("vllm.v1.attention.backend.CommonAttentionMetadata moved")
+    need("if self.check_for_draft_tokens and not self.async_scheduling" in post_step,
+         "EngineCore.post_step checking check_for_draft_tokens")
+    need("self.scheduler.schedule(" in src(EngineCore.step), "EngineCore.step calling scheduler.schedule")
+
+    # Seeded requests: coupled sampling (seeded_sampling.py) mirrors vLLM's CPU sampler.
+    need(_params(SpecDecodeBaseProposer._sample_from_logits) == ["self", "logits", "sampling_metadata"]
+         and "self._sample_from_logits(" in src(SpecDecodeBaseProposer._sample_draft_tokens),
+         "SpecDecodeBaseProposer._sample_from_logits(self, logits, sampling_metadata) called by "
+         "_sample_draft_tokens")
+    need(_params(GPUModelRunner._sample) == ["self", "logits", "spec_decode_metadata"],
+         "GPUModelRunner._sample(self, logits, spec_decode_metadata)")
+    sample_src = src(GPUModelRunner._sample)
+    need("self.sampler(" in sample_src and "self.rejection_sampler(" in sample_src
+         and "if spec_decode_metadata is None:" in sample_src,
+         "GPUModelRunner._sample: self.sampler without spec_decode_metadata, else self.rejection_sampler")
+    need(_params(GPUModelRunner.propose_draft_token_ids)[:2] == ["self", "scheduler_output"]
+         and propose_src.index("self._draft_probs = None") < propose_src.index("self.drafter"),
+         "GPUModelRunner.propose_draft_token_ids(self, scheduler_output, ...) clearing _draft_probs "
+         "before drafting (spec_runner skips it whole when nothing is proposed)")
+    need("if self.use_async_scheduling:\n                self.valid_sampled_token_count_event = torch.Event()"
+         in runner_init and "if self.valid_sampled_token_count_event is None:\n            return"
+         in src(GPUModelRunner._copy_valid_sampled_token_count),
+         "GPUModelRunner: the drafter's sampled-token count is only kept under async scheduling")
+    need("req_state.output_token_ids.extend(sampled_ids)" in src(GPUModelRunner._bookkeeping_sync),
+         "GPUModelRunner._bookkeeping_sync appending the step's tokens to output_token_ids after "
+         "sampling (the output position of a sample)")
+    need("self.discard_request_mask" in runner_init and "self.requests" in runner_init,
+         "GPUModelRunner.discard_request_mask / requests")
+    need({"draft_token_ids", "cu_num_draft_tokens", "target_logits_indices", "bonus_logits_indices"}
+         <= set(getattr(SpecDecodeMetadata, "__dataclass_fields__", {})),
+         "SpecDecodeMetadata.draft_token_ids / cu_num_draft_tokens / target_logits_indices / "
+         "bonus_logits_indices")
+    need({"sampling_params", "output_token_ids"} <= set(getattr(CachedRequestState, "__dataclass_fields__", {})),
+         "CachedRequestState.sampling_params / output_token_ids")
+    cpu_sampler = src(TopKTopPSampler.forward_cpu)
+    need("apply_top_k_top_p(logits, k, p)" in cpu_sampler
+         and "torch.randint(\n                0, 2**31, (1,), generator=gen, dtype=torch.long\n            ).item()"
+         in cpu_sampler
+         and "torch.ops._C.fused_gumbel_argmax(logits_f32, seeds)" in cpu_sampler,
+         "TopKTopPSampler.forward_cpu: top-k/top-p, then one randint(0, 2**31) seed per request "
+         "from its generator, then fused_gumbel_argmax (what seeded_sampling.py reproduces)")
+    sampler_sample = src(Sampler.sample)
+    need(sampler_sample.index("self.apply_temperature(") < sampler_sample.index("self.topk_topp_sampler("),
+         "Sampler.sample applying temperature before top-k/top-p sampling")
+    need("logits.div_(temp.unsqueeze(dim=1))" in src(Sampler.apply_temperature),
+         "Sampler.apply_temperature dividing the logits by the temperature")
+    need(_params(apply_top_k_top_p) == ["logits", "k", "p"], "apply_top_k_top_p(logits, k, p)")
+    min_tokens = src(MinTokensLogitsProcessor)
+    need("params.all_stop_token_ids" in min_tokens and "len(output_tok_ids) >= min_tokens" in min_tokens,
+         "MinTokensLogitsProcessor masking all_stop_token_ids below min_tokens outputs")
+    for attr in ("seed", "temperature", "top_k", "top_p", "min_p", "min_tokens", "presence_penalty",
+                 "frequency_penalty", "repetition_penalty", "logit_bias", "allowed_token_ids",
+                 "bad_words", "logprobs", "all_stop_token_ids"):
+        need(hasattr(SamplingParams, attr) or attr in getattr(SamplingParams, "__struct_fields__", ()),
+             f"SamplingParams.{attr}")
+
     problems.extend(cpu_fix_problems())
 
     if problems:
         raise VllmInternalsError(
-            "vLLM internals used by decode_worker/spec_adapter.py moved:\n  - "
+            "vLLM internals used by decode_worker/spec_adapter.py (spec_runner, spec_scheduler, "
+            "seeded_sampling) moved:\n  - "
             + "\n  - ".join(problems))
-
-
-# --------------------------------------------------------------------------- stats
-
-
-@dataclass
-class StepRecord:
-    """One TETRIS decision (made after step t) and its verification (in step t+1)."""
-
-    num_requests: int  # live decode requests planned over
-    capacity: int  # budget used (window-k fallback: k per request)
-    proposed: int  # draft tokens proposed for them (K each)
-    planned: int  # draft tokens left after trimming (sent to the scheduler)
-    source: str  # "probs" | "greedy" | "window" (no confidence / fallback / disabled)
-    lengths: list[int] = field(default_factory=list)
-    verified: int | None = None  # filled when the next step books: drafts really verified
-    accepted: int | None = None
-    verified_requests: int | None = None
-
-
-@dataclass
-class TetrisStats:
-    """Counters of one engine with TETRIS installed (totals over its life)."""
-
-    num_speculative_tokens: int
-    steps: int = 0  # TETRIS decisions with at least one live decode request
-    request_steps: int = 0  # sum over decisions of live decode requests
-    proposed: int = 0  # draft tokens proposed for those requests (K each)
-    planned: int = 0  # draft tokens kept by TETRIS
-    verified: int = 0  # draft tokens the scheduler really sent to verification
-    accepted: int = 0  # of those, accepted by the target
-    verified_request_steps: int = 0  # request-steps booked after a TETRIS decision
-    window_fallbacks: int = 0  # decisions that used plain window k
-    # From vLLM's own SpecDecodingStats (only when the engine logs stats).
-    vllm_draft_tokens: int = 0
-    vllm_accepted_tokens: int = 0
-    vllm_stats_seen: bool = False
-    history: deque = field(default_factory=lambda: deque(maxlen=4096))
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted / verified draft tokens."""
-        return self.accepted / self.verified if self.verified else 0.0
-
-    @property
-    def mean_accepted_per_request_step(self) -> float:
-        """Accepted draft tokens per decode request-step (each also yields one more token)."""
-        return self.accepted / self.verified_request_steps if self.verified_request_steps else 0.0
-
-    @property
-    def trim_ratio(self) -> float:
-        return self.planned / self.proposed if self.proposed else 0.0
-
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {
-                "num_speculative_tokens": self.num_speculative_tokens,
-                "steps": self.steps,
-                "request_steps": self.request_steps,
-                "proposed": self.proposed,
-                "planned": self.planned,
-                "verified": self.verified,
-                "accepted": self.accepted,
-                "verified_request_steps": self.verified_request_steps,
-                "window_fallbacks": self.window_fallbacks,
-                "acceptance_rate": self.acceptance_rate,
-                "mean_accepted_per_request_step": self.mean_accepted_per_request_step,
-                "vllm_draft_tokens": self.vllm_draft_tokens if self.vllm_stats_seen else None,
-                "vllm_accepted_tokens": self.vllm_accepted_tokens if self.vllm_stats_seen else None,
-            }
 
 
 # --------------------------------------------------------------------------- engine access
@@ -334,183 +359,63 @@ def model_runner_of(engine):
     return obj
 
 
-# --------------------------------------------------------------------------- the hook
+# --------------------------------------------------------------------------- install
 
 
-class _TetrisState:
-    def __init__(self, config: TetrisConfig, stats: TetrisStats, core, runner, drafter,
-                 scheduler):
-        self.config = config
-        self.stats = stats
-        self.core, self.runner, self.drafter, self.scheduler = core, runner, drafter, scheduler
-        self.greedy_log_probs: list | None = None  # per position [B] tensors, or None entries
-        self.pending: tuple[StepRecord, dict[str, int]] | None = None  # last decision
-        self.originals: dict[tuple[str, str], Any] = {}
-        self.shadowed: dict[tuple[str, str], bool] = {}
-
-    # ----- confidence
-
-    def greedy_sample(self, hidden_states):
-        drafter = self.drafter
-        if drafter.use_local_argmax_reduction or getattr(drafter, "use_heterogeneous_vocab", False):
-            ids = self.originals[("drafter", "_greedy_sample")](hidden_states)
-            if self.greedy_log_probs is not None:
-                self.greedy_log_probs.append(None)
-            return ids
-        # vLLM 0.32.0's default branch: compute_logits(hidden_states).argmax(dim=-1).
-        logits = drafter.model.compute_logits(hidden_states)
-        ids = logits.argmax(dim=-1)
-        if self.greedy_log_probs is not None:
-            lf = logits.float()
-            lp = lf.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(lf, dim=-1)
-            self.greedy_log_probs.append(lp)
-        return ids
-
-    def propose(self, *args, **kwargs):
-        self.greedy_log_probs = []
-        return self.originals[("drafter", "propose")](*args, **kwargs)
-
-    def _draft_log_probs(self, req_ids: list[str], drafts: list[list[int]], live: list[int]):
-        """``[len(live), K]`` float64 log-probs of the proposed tokens of the rows ``live``
-        of the batch ``req_ids`` (the runner's row order), and their source; or None."""
-        width = max((len(drafts[i]) for i in live), default=0)
-        probs, prob_ids = self.runner._draft_probs, self.runner._draft_prob_req_ids
-        if probs is not None and prob_ids is not None:
-            row_of = {r: i for i, r in enumerate(prob_ids)}
-            if all(req_ids[i] in row_of for i in live) and probs.shape[1] >= width:
-                dev = probs.device
-                rows = torch.tensor([row_of[req_ids[i]] for i in live], dtype=torch.long,
-                                    device=dev)
-                pos = torch.arange(width, dtype=torch.long, device=dev)
-                tok = torch.tensor([drafts[i] + [0] * (width - len(drafts[i])) for i in live],
-                                   dtype=torch.long, device=dev)
-                # [n, width]: the draft probability of each proposed token (no [n, K, V] copy).
-                picked = probs[rows[:, None], pos[None, :], tok]
-                return torch.log(picked.double()).cpu().numpy(), "probs"
-        # All-greedy batch: the confidences captured by greedy_sample, one [B] tensor per
-        # draft position, rows in the order the drafter saw the batch (= req_ids).
-        cap = self.greedy_log_probs
-        if cap and len(cap) >= width and all(t is not None for t in cap[:width]) \
-                and all(t.shape[0] == len(req_ids) for t in cap[:width]):
-            lp = torch.stack(cap[:width], dim=1).double().cpu().numpy()
-            return lp[live], "greedy"
-        return None, "window"
-
-    def _useful_length(self, req_id: str, proposed: int) -> int:
-        """Drafts that can matter: 0 for finished/prefill-chunk requests; otherwise capped
-        by the request's remaining max_tokens and the model length (always safe: fewer
-        drafts never change the output)."""
-        req = self.scheduler.requests.get(req_id)
-        if req is None or req.is_finished() or req.is_prefill_chunk:
-            return -1
-        left = proposed
-        if req.max_tokens is not None:
-            left = min(left, req.max_tokens - req.num_output_tokens - 1)
-        left = min(left, self.scheduler.max_model_len - req.num_tokens - 1)
-        return max(left, 0)
-
-    def take_draft_token_ids(self):
-        out = self.originals[("runner", "take_draft_token_ids")]()
-        try:
-            return out if out is None else self._trim(out)
-        finally:
-            self.greedy_log_probs = None  # this step's confidences are used up
-
-    def _trim(self, out):
-        from vllm.v1.outputs import DraftTokenIds
-
-        config = self.config
-        req_ids = list(out.req_ids)
-        drafts = [list(d) for d in out.draft_token_ids]
-        if not req_ids:
-            return out
-        useful = [self._useful_length(r, len(d)) for r, d in zip(req_ids, drafts, strict=True)]
-        live = [i for i, u in enumerate(useful) if u >= 0]
-        lengths = [0] * len(req_ids)
-        source = "window"
-        n = len(live)
-        capacity = config.k * n
-        if n:
-            valid = np.array([useful[i] for i in live], dtype=np.int64)
-            log_probs, source = (self._draft_log_probs(req_ids, drafts, live)
-                                 if config.enabled and n >= config.min_batch_size
-                                 else (None, "window"))
-            if log_probs is None:
-                chosen = np.minimum(valid, config.k)
-                source = "window"
-            else:
-                chosen = plan(log_probs, config, valid_lengths=valid)
-                capacity = config.capacity_for(n)
-            for i, length in zip(live, chosen.tolist(), strict=True):
-                lengths[i] = int(length)
-        trimmed = [d[:length] for d, length in zip(drafts, lengths, strict=True)]
-        record = StepRecord(
-            num_requests=n, capacity=capacity,
-            proposed=sum(len(drafts[i]) for i in live), planned=sum(lengths),
-            source=source, lengths=[lengths[i] for i in live])
-        with self.stats._lock:
-            if n:
-                self.stats.steps += 1
-                self.stats.request_steps += n
-                self.stats.proposed += record.proposed
-                self.stats.planned += record.planned
-                self.stats.window_fallbacks += source == "window"
-                self.stats.history.append(record)
-        self.pending = (record, {req_ids[i]: lengths[i] for i in live}) if n else None
-        return DraftTokenIds(req_ids, trimmed)
-
-    # ----- booking
-
-    def update_from_output(self, scheduler_output, model_runner_output):
-        pending, self.pending = self.pending, None
-        if pending is not None:
-            record, planned = pending
-            verified = accepted = reqs = 0
-            num_sampled = getattr(self.scheduler, "num_sampled_tokens_per_step", 1)
-            spec = scheduler_output.scheduled_spec_decode_tokens
-            sampled = model_runner_output.sampled_token_ids
-            index = model_runner_output.req_id_to_index
-            for req_id in scheduler_output.num_scheduled_tokens:
-                if req_id not in planned:
-                    continue
-                reqs += 1
-                drafts = spec.get(req_id) or []
-                if not drafts:
-                    continue
-                verified += len(drafts)
-                i = index.get(req_id)
-                generated = sampled[i] if sampled and i is not None else []
-                if generated:
-                    accepted += max(len(generated) - num_sampled, 0)
-            record.verified, record.accepted, record.verified_requests = verified, accepted, reqs
-            with self.stats._lock:
-                self.stats.verified += verified
-                self.stats.accepted += accepted
-                self.stats.verified_request_steps += reqs
-        outputs = self.originals[("scheduler", "update_from_output")](
-            scheduler_output, model_runner_output)
-        for eco in (outputs or {}).values():
-            sched_stats = getattr(eco, "scheduler_stats", None)
-            sds = getattr(sched_stats, "spec_decoding_stats", None)
-            if sds is not None:
-                with self.stats._lock:
-                    self.stats.vllm_stats_seen = True
-                    self.stats.vllm_draft_tokens += sds.num_draft_tokens
-                    self.stats.vllm_accepted_tokens += sds.num_accepted_tokens
-        return outputs
+_STATE_ATTR = "_disagg_tetris_state"
 
 
-def install_tetris(engine, config: TetrisConfig) -> TetrisStats:
-    """Apply TETRIS to ``engine`` (a ``vllm.v1.engine.llm_engine.LLMEngine`` built with the
-    in-process core and ``speculative_config(draft, config)``); returns its live stats.
-
-    Patches instance attributes only (see the module docstring); ``uninstall_tetris``
-    restores them; ``set_tetris_config`` swaps the config between steps.
-    """
-    check_vllm_internals()
+def _check_runner(runner, num_speculative_tokens: int) -> None:
     from vllm.v1.spec_decode.llm_base_proposer import SpecDecodeBaseProposer
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    if not isinstance(runner, GPUModelRunner):
+        raise VllmInternalsError(
+            f"TETRIS hooks the V1 model runner (GPUModelRunner), found {type(runner).__module__}."
+            f"{type(runner).__name__}; set VLLM_USE_V2_MODEL_RUNNER=0")
+    drafter = getattr(runner, "drafter", None)
+    if runner.speculative_config is None or not isinstance(drafter, SpecDecodeBaseProposer):
+        raise ValueError("TETRIS needs model-based speculative decoding (speculative_config "
+                         f"with method 'draft_model'); drafter is {type(drafter).__name__}")
+    if runner.num_spec_tokens != num_speculative_tokens:
+        raise ValueError(
+            f"num_speculative_tokens is {runner.num_spec_tokens} but the speculation config needs "
+            f"k + extra = {num_speculative_tokens}")
+    if getattr(runner.speculative_config, "parallel_drafting", False):
+        raise ValueError("parallel drafting proposes every token in one pass; TETRIS expects "
+                         "sequential draft-model proposals")
+
+
+def install_in_rank(worker, num_speculative_tokens: int) -> int:
+    """The runner side in one rank's process: ``worker`` is vLLM's worker wrapper (the
+    in-process executor's ``driver_worker``, or what ``collective_rpc`` hands a callable in
+    each rank of the multiprocess executor).  Returns the rank's pid."""
+    _install_runner_side(worker.model_runner, num_speculative_tokens)
+    return os.getpid()
+
+
+def _install_runner_side(runner, num_speculative_tokens: int) -> RunnerHooks:
+    _check_runner(runner, num_speculative_tokens)
+    fix_cpu_expand_kernel()  # sampled verification is garbage on CPU without it (per process)
+    fix_top_k_without_drafts()  # top-k in a step without drafts crashes without it
+    return install_runner_hooks(runner)
+
+
+def uninstall_in_rank(worker) -> None:
+    uninstall_runner_hooks(worker.model_runner)
+
+
+# A rank that does not answer the install within this long fails the engine's start.
+_RANK_RPC_TIMEOUT_S = 120.0
+
+
+def install_tetris(engine, config: TetrisConfig, smartspec: SmartSpecConfig | None = None) -> TetrisStats:
+    """Apply the speculation policy to ``engine`` (a ``vllm.v1.engine.llm_engine.LLMEngine``
+    built with the in-process core and ``speculative_config(draft, config)``); returns its live
+    stats.  Patches instance attributes only (see the module docstring); ``uninstall_tetris``
+    restores them; ``set_tetris_config`` swaps the config between steps.  With tensor
+    parallelism (vLLM's multiprocess executor) the runner side is installed in every rank."""
+    check_vllm_internals()
     core = _engine_core(engine)
     if getattr(core, _STATE_ATTR, None) is not None:
         raise RuntimeError("TETRIS is already installed on this engine")
@@ -522,54 +427,47 @@ def install_tetris(engine, config: TetrisConfig) -> TetrisStats:
         raise VllmInternalsError(
             "TETRIS needs the engine core without a batch queue (pipeline parallelism / "
             "max_concurrent_batches > 1 pad trimmed drafts back with -1)")
-    runner = model_runner_of(engine)
-    if not isinstance(runner, GPUModelRunner):
-        raise VllmInternalsError(
-            f"TETRIS hooks the V1 model runner (GPUModelRunner), found {type(runner).__module__}."
-            f"{type(runner).__name__}; set VLLM_USE_V2_MODEL_RUNNER=0")
-    drafter = getattr(runner, "drafter", None)
-    if runner.speculative_config is None or not isinstance(drafter, SpecDecodeBaseProposer):
-        raise ValueError("TETRIS needs model-based speculative decoding (speculative_config "
-                         f"with method 'draft_model'); drafter is {type(drafter).__name__}")
-    if runner.num_spec_tokens != config.num_speculative_tokens:
-        raise ValueError(
-            f"num_speculative_tokens is {runner.num_spec_tokens} but TetrisConfig(k={config.k}, "
-            f"extra={config.extra}) needs k + extra = {config.num_speculative_tokens}")
-    fix_cpu_expand_kernel()  # sampled verification is garbage on CPU without it
-    stats = TetrisStats(num_speculative_tokens=runner.num_spec_tokens)
-    state = _TetrisState(config, stats, core, runner, drafter, core.scheduler)
-    targets = {"runner": runner, "drafter": drafter, "scheduler": core.scheduler}
-    for (owner, name), method in _PATCHED.items():
-        obj = targets[owner]
-        state.originals[(owner, name)] = getattr(obj, name)
-        state.shadowed[(owner, name)] = name in vars(obj)
-        setattr(obj, name, getattr(state, method))
-    setattr(core, _STATE_ATTR, state)
-    return stats
+    executor = core.model_executor
+    fix_cpu_expand_kernel()
+    fix_top_k_without_drafts()
+    runner_hooks: RunnerHooks | None = None
+    if hasattr(executor, "driver_worker"):  # one rank, in this process
+        runner_hooks = _install_runner_side(model_runner_of(engine), config.num_speculative_tokens)
+    else:  # one process per rank: vLLM's workers run the install and answer with their pids
+        executor.collective_rpc(install_in_rank, timeout=_RANK_RPC_TIMEOUT_S,
+                                args=(config.num_speculative_tokens,))
+    scheduler_hooks = install_scheduler_hooks(core.scheduler, config, smartspec)
+    setattr(core, _STATE_ATTR, (runner_hooks, scheduler_hooks))
+    return scheduler_hooks.stats
+
+
+def installed_hooks(engine) -> tuple[RunnerHooks | None, SchedulerHooks] | None:
+    """The (runner, scheduler) hooks of an engine, or None; the runner's are None when they
+    live in the rank processes (tensor parallelism)."""
+    return getattr(_engine_core(engine), _STATE_ATTR, None)
 
 
 def set_tetris_config(engine, config: TetrisConfig) -> None:
-    """Swap the TETRIS config of an engine (takes effect at the next draft hand-off)."""
-    state = getattr(_engine_core(engine), _STATE_ATTR, None)
-    if state is None:
+    """Swap the config of an engine (takes effect at the next step)."""
+    hooks = installed_hooks(engine)
+    if hooks is None:
         raise RuntimeError("TETRIS is not installed on this engine")
-    if config.num_speculative_tokens != state.config.num_speculative_tokens:
+    scheduler_hooks = hooks[1]
+    if config.num_speculative_tokens != scheduler_hooks.config.num_speculative_tokens:
         raise ValueError("k + extra must stay equal to the engine's num_speculative_tokens")
-    state.config = replace(config)
+    scheduler_hooks.set_config(replace(config))
 
 
 def uninstall_tetris(engine) -> TetrisStats | None:
     """Restore vLLM's own methods; returns the final stats (None if not installed)."""
     core = _engine_core(engine)
-    state = getattr(core, _STATE_ATTR, None)
-    if state is None:
+    hooks = getattr(core, _STATE_ATTR, None)
+    if hooks is None:
         return None
-    targets = {"runner": state.runner, "drafter": state.drafter, "scheduler": state.scheduler}
-    for (owner, name), original in state.originals.items():
-        obj = targets[owner]
-        if state.shadowed[(owner, name)]:
-            setattr(obj, name, original)  # someone's instance attribute before ours
-        else:
-            delattr(obj, name)  # the class method shows through again
+    if hooks[0] is not None:
+        uninstall_runner_hooks(hooks[0].runner)
+    else:
+        core.model_executor.collective_rpc(uninstall_in_rank, timeout=_RANK_RPC_TIMEOUT_S)
+    uninstall_scheduler_hooks(hooks[1].scheduler)
     setattr(core, _STATE_ATTR, None)
-    return state.stats
+    return hooks[1].stats

@@ -1,8 +1,10 @@
 """TETRIS as the draft-selection policy of a decode-side engine (decode and colocated workers).
 
 The engine base (cluster/engine/worker.py) builds vLLM's draft-model speculative config from
-SpecConfig; this mixin installs TETRIS over it (or, with --no-tetris, plain window k over the
-same k + e proposals) and returns its live stats for the load reports.
+SpecConfig; this mixin installs the policy over it -- per step a SmartSpec budget
+(--spec-budget goodput, the default) or the fixed N * k (--spec-budget fixed), filled by TETRIS
+on calibrated draft probabilities (or, with --no-tetris, a uniform length per request) -- and
+returns its live stats for the load reports.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from decode_worker.tetris import TetrisConfig
 
 def tetris_config(spec: SpecConfig) -> TetrisConfig:
     return TetrisConfig(k=spec.k, extra=spec.extra, capacity=spec.capacity,
-                        min_batch_size=spec.min_batch_size, enabled=spec.tetris)
+                        min_batch_size=spec.min_batch_size, enabled=spec.tetris, budget=spec.budget)
 
 
 class TetrisMixin:

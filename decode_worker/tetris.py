@@ -18,7 +18,11 @@ draft, and it maximises the total expected accepted tokens among all length vect
 ``sum(L) <= C`` (each chosen position adds its own term, and a top-``C`` set that is
 closed under prefixes is feasible).
 
-Everything here is pure numpy: no vLLM, no torch.  The vLLM glue is ``spec_adapter.py``.
+Everything here is pure numpy: no vLLM, no torch.  The vLLM glue is ``spec_adapter.py``;
+the log-probs TETRIS ranks with are the *calibrated* acceptance probabilities of
+``calibration.py`` (the raw draft probabilities of a small draft are far from acceptance
+rates), and the budget ``C`` of each step comes from ``smartspec.py`` (``budget="goodput"``)
+or is ``N * k`` (``budget="fixed"``).
 
 Rules (all deterministic):
 
@@ -47,12 +51,18 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "BUDGET_MODES",
     "TetrisConfig",
     "draft_scores",
     "expected_accepted",
     "plan",
+    "rank_positions",
     "select_draft_lengths",
 ]
+
+# "fixed": verify N * k drafts per step (the budget of standard speculative decoding);
+# "goodput": SmartSpec, 0..N * (k + e) per step by predicted goodput (smartspec.py).
+BUDGET_MODES = ("goodput", "fixed")
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,13 @@ class TetrisConfig:
     min_batch_size: with fewer requests than this, every request simply verifies
         ``min(k, valid)`` drafts (plain window ``k``).
     enabled: ``False`` gives plain window ``k`` for every batch (the baseline, with the
-        same ``k + extra`` proposals).
+        same ``k + extra`` proposals); under ``budget="goodput"`` every request then verifies
+        the same number of drafts (SmartSpec's uniform length), chosen per step.
+    budget: ``"fixed"`` (``capacity``, else ``N * k``, every step) or ``"goodput"`` (per step,
+        the budget in ``0..N * (k + extra)`` with the best predicted goodput; ``capacity``,
+        when set, caps it).
+    calibrate: rank with calibrated acceptance probabilities (``calibration.py``) instead
+        of the raw draft probabilities.
     """
 
     k: int
@@ -75,6 +91,8 @@ class TetrisConfig:
     capacity: int | None = None
     min_batch_size: int = 2
     enabled: bool = True
+    budget: str = "fixed"
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -85,6 +103,8 @@ class TetrisConfig:
             raise ValueError(f"TetrisConfig.capacity must be >= 0 or None, got {self.capacity}")
         if self.min_batch_size < 0:
             raise ValueError(f"TetrisConfig.min_batch_size must be >= 0, got {self.min_batch_size}")
+        if self.budget not in BUDGET_MODES:
+            raise ValueError(f"TetrisConfig.budget must be one of {BUDGET_MODES}, got {self.budget!r}")
 
     @property
     def num_speculative_tokens(self) -> int:
@@ -119,6 +139,27 @@ def draft_scores(log_probs) -> np.ndarray:
     return np.cumsum(_as_log_probs(log_probs), axis=1)
 
 
+def rank_positions(log_probs, *, valid_lengths=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every valid position in TETRIS order: ``(rows, cols, scores)``, best first.
+
+    The order is ``(score descending, position ascending, row ascending)`` over positions
+    with a finite score below their row's ``valid_lengths`` entry; any leading slice of it
+    is closed under prefixes, so its first ``C`` entries are the TETRIS choice for budget
+    ``C`` and ``cumsum(exp(scores))`` is the expected accepted drafts of every budget.
+    """
+    lp = _as_log_probs(log_probs)
+    n, m = lp.shape
+    valid = _as_valid_lengths(valid_lengths, n, m)
+    scores = np.cumsum(lp, axis=1)
+    pos = np.broadcast_to(np.arange(m, dtype=np.int64), (n, m))
+    req = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, m))
+    ok = np.isfinite(scores) & (pos < valid[:, None])
+    s, j, i = scores[ok], pos[ok], req[ok]
+    # np.lexsort sorts by the last key first: score descending, then j, then i ascending.
+    order = np.lexsort((i, j, -s))
+    return i[order], j[order], s[order]
+
+
 def select_draft_lengths(log_probs, capacity: int, *, valid_lengths=None) -> np.ndarray:
     """TETRIS selection: the per-request prefix lengths of the ``capacity`` best positions.
 
@@ -139,16 +180,8 @@ def select_draft_lengths(log_probs, capacity: int, *, valid_lengths=None) -> np.
     lengths = np.zeros(n, dtype=np.int64)
     if n == 0 or m == 0 or capacity == 0:
         return lengths
-    scores = np.cumsum(lp, axis=1)
-    pos = np.broadcast_to(np.arange(m, dtype=np.int64), (n, m))
-    req = np.broadcast_to(np.arange(n, dtype=np.int64)[:, None], (n, m))
-    ok = np.isfinite(scores) & (pos < valid[:, None])
-    s, j, i = scores[ok], pos[ok], req[ok]
-    if s.size == 0:
-        return lengths
-    # np.lexsort sorts by the last key first: score descending, then j, then i ascending.
-    order = np.lexsort((i, j, -s))[:capacity]
-    np.add.at(lengths, i[order], 1)
+    rows, _, _ = rank_positions(lp, valid_lengths=valid)
+    np.add.at(lengths, rows[:capacity], 1)
     return lengths
 
 

@@ -50,3 +50,28 @@ def test_a_moved_seam_is_named(monkeypatch):
     assert "_greedy_sample source changed" in msg
 
 
+
+
+def test_moved_smartspec_and_seeded_sampling_seams_are_named(monkeypatch):
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.sample.ops.topk_topp_sampler import TopKTopPSampler
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    def _sample(self, logits, metadata):  # renamed parameter
+        return None
+
+    def forward_cpu(self, logits, generators, k, p):  # a sampler drawing its noise differently
+        return logits.argmax(dim=-1), None
+
+    def schedule(self, *args, **kwargs):  # no dynamic-speculation field any more
+        return None
+
+    monkeypatch.setattr(GPUModelRunner, "_sample", _sample)
+    monkeypatch.setattr(TopKTopPSampler, "forward_cpu", forward_cpu)
+    monkeypatch.setattr(Scheduler, "schedule", schedule)
+    with pytest.raises(sa.VllmInternalsError) as info:
+        sa.check_vllm_internals()
+    msg = str(info.value)
+    assert "GPUModelRunner._sample(self, logits, spec_decode_metadata)" in msg
+    assert "TopKTopPSampler.forward_cpu" in msg
+    assert "Scheduler.schedule: placeholder-draft padding" in msg
