@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-unit test-integration models proto lint clean
+.PHONY: install demo test test-unit test-integration models proto lint clean gpu-check
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test-unit: install
 
 test-integration: install
 	$(BIN)/python -m pytest -ra -m integration tests
+
+# The KV layout, side channel and NCCL transport on a GPU (PyTorch + CuPy only; CPU mode elsewhere).
+# On a bare GPU machine without this venv: `python -m cluster.kv.gpu_check` from the repo root.
+gpu-check:
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) -m cluster.kv.gpu_check
 
 proto: install
 	$(BIN)/python proto/generate.py

@@ -47,8 +47,8 @@ def build_request(prompt: str | list[int], *, max_tokens: int | None = None,
                   top_k: int | None = None, min_tokens: int | None = None,
                   stop: list[str] | None = None, stop_token_ids: list[int] | None = None,
                   seed: int | None = None, ignore_eos: bool = False, priority: int = 0,
-                  request_id: str = "") -> pb.GenerateRequest:
-    request = pb.GenerateRequest(priority=priority, request_id=request_id)
+                  request_id: str = "", session_id: str = "") -> pb.GenerateRequest:
+    request = pb.GenerateRequest(priority=priority, request_id=request_id, session_id=session_id)
     if isinstance(prompt, str):
         request.text = prompt
     else:

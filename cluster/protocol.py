@@ -32,6 +32,12 @@ class EngineRequest:
     priority: int = 0
     # Connector parameters (cluster/kv/connector.py), e.g. {"do_remote_decode": True, ...}.
     kv_transfer: dict | None = None
+    # The front end whose stream this request feeds: the engine queues its deltas for that
+    # front end's polls only (a migrated or replayed request keeps it). "" is the default
+    # consumer (benchmarks and tools that poll without a name).
+    owner: str = ""
+    # Wall-clock time the request reached its front end (migration's "last arrived" policy).
+    arrival: float = 0.0
 
 
 @dataclass
@@ -48,6 +54,12 @@ class TokenDelta:
     error: str | None = None
     # Prompt tokens this engine did not compute (prefix cache or transferred KV); first delta only.
     num_cached_tokens: int | None = None
+    # On the "migrated" marker (finish_reason "migrated"): the migration, the instance the
+    # request continues on and its engine-side id there. The front end switches the stream to
+    # that id; deltas of it that arrive first wait for this marker.
+    migration_id: str | None = None
+    migrated_to: str | None = None
+    continued_as: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +81,10 @@ class LoadReport:
     kv: dict = field(default_factory=dict)
     # Speculative decoding counters (cumulative), if the engine speculates.
     spec: dict = field(default_factory=dict)
+    # Prefix caching (engines with it on): {"query_tokens": prompt tokens looked up,
+    # "hit_tokens_device": of them found in the engine's KV cache, "cached_blocks": prefixes
+    # held now} (cumulative but the last); empty with prefix caching off.
+    prefix: dict = field(default_factory=dict)
     timestamp: float = field(default_factory=time.time)
 
     @property
@@ -101,6 +117,48 @@ class InstanceInfo:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     pid: int = 0
+    # Tensor parallelism: ranks of the engine and their processes (rank 0 first; one entry, the
+    # actor's own pid, without TP).
+    tensor_parallel_size: int = 1
+    rank_pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class LiveRequest:
+    """One request an engine runs now, as the global scheduler sees it (engine snapshots)."""
+
+    request_id: str  # engine-side id: "<client id>@<attempt>[~<migration>...]"
+    owner: str
+    num_prompt_tokens: int  # what the engine got as its prompt (a continuation's includes outputs)
+    num_output_tokens: int
+    priority: int = 0
+    arrival: float = 0.0  # wall-clock arrival at the front end
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the global scheduler reads from one engine: its load, the requests it runs, the
+    front ends it serves and the live-migration state it holds (a restarted scheduler rebuilds
+    its whole view from these)."""
+
+    load: LoadReport
+    requests: tuple[LiveRequest, ...] = ()
+    # Front-end id -> seconds since it last polled (its orphan lease).
+    owners: dict = field(default_factory=dict)
+    # Live migration (decode instances): {"incoming": [migration ids reserved here, not yet
+    # committed], "outgoing": [migration ids with stage views here], "stopped": {migration id:
+    # {"request": EngineRequest, "target": instance id}}: requests stopped here for a
+    # migration whose commit was not confirmed}.
+    migrations: dict = field(default_factory=dict)
+    fatal_error: str | None = None
+    # Prefix caching: the changes to the prefixes this engine holds since the position the
+    # reader passed (cluster/engine/prefix_tracker.py), or None with prefix caching off.
+    prefix: dict | None = None
+
+
+def client_request_id(engine_request_id: str) -> str:
+    """The client's (front end's) request id in an engine-side id."""
+    return engine_request_id.rpartition("@")[0] or engine_request_id
 
 
 # Live migration's transfer ids: the coordinator (router/migration.py) and the decode workers
@@ -113,3 +171,8 @@ def stage_transfer_id(migration_id: str, stage: int) -> str:
 def tail_transfer_id(migration_id: str) -> str:
     """The source's hold of the blocks left after the stop."""
     return f"{migration_id}#tail"
+
+
+def push_reservation_id(transfer_id: str) -> str:
+    """A decode engine's reservation for a prompt's KV pushed layer by layer (Splitwise)."""
+    return f"push:{transfer_id}"

@@ -47,18 +47,20 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("text", "token_ids", "sampling", "priority", "request_id")
+    __slots__ = ("text", "token_ids", "sampling", "priority", "request_id", "session_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_ids: TokenIds
     sampling: SamplingOptions
     priority: int
     request_id: str
-    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., priority: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    session_id: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., priority: _Optional[int] = ..., request_id: _Optional[str] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -165,7 +167,7 @@ class KVTransferStats(_message.Message):
     def __init__(self, bytes_received: _Optional[int] = ..., bytes_sent: _Optional[int] = ..., transfers_in: _Optional[int] = ..., transfers_out: _Optional[int] = ..., failures: _Optional[int] = ..., expired_holds: _Optional[int] = ..., seconds_in_total: _Optional[float] = ..., last_latency_s: _Optional[float] = ..., blocks_held: _Optional[int] = ...) -> None: ...
 
 class SpecDecodeStats(_message.Message):
-    __slots__ = ("num_speculative_tokens", "steps", "request_steps", "proposed", "planned", "verified", "accepted", "verified_request_steps", "window_fallbacks", "acceptance_rate", "mean_accepted_per_request_step")
+    __slots__ = ("num_speculative_tokens", "steps", "request_steps", "proposed", "planned", "verified", "accepted", "verified_request_steps", "window_fallbacks", "acceptance_rate", "mean_accepted_per_request_step", "budget_mode", "steps_without_speculation", "draft_skipped_steps", "explorations", "proposal_length_steps", "budget_bucket_bounds", "budget_bucket_counts", "budget_sum", "expected_accepted", "coupled_request_steps", "calibration_observations", "calibration_brier_raw", "calibration_brier_calibrated", "step_time_samples", "step_time_predicted_mean_ms", "step_time_measured_mean_ms", "step_time_abs_error_mean_ms")
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +179,23 @@ class SpecDecodeStats(_message.Message):
     WINDOW_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     MEAN_ACCEPTED_PER_REQUEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_MODE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_WITHOUT_SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_SKIPPED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    EXPLORATIONS_FIELD_NUMBER: _ClassVar[int]
+    PROPOSAL_LENGTH_STEPS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BUCKET_BOUNDS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BUCKET_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_SUM_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    COUPLED_REQUEST_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_OBSERVATIONS_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_BRIER_RAW_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_BRIER_CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_PREDICTED_MEAN_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_MEASURED_MEAN_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_ABS_ERROR_MEAN_MS_FIELD_NUMBER: _ClassVar[int]
     num_speculative_tokens: int
     steps: int
     request_steps: int
@@ -188,10 +207,27 @@ class SpecDecodeStats(_message.Message):
     window_fallbacks: int
     acceptance_rate: float
     mean_accepted_per_request_step: float
-    def __init__(self, num_speculative_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., request_steps: _Optional[int] = ..., proposed: _Optional[int] = ..., planned: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., verified_request_steps: _Optional[int] = ..., window_fallbacks: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_per_request_step: _Optional[float] = ...) -> None: ...
+    budget_mode: str
+    steps_without_speculation: int
+    draft_skipped_steps: int
+    explorations: int
+    proposal_length_steps: _containers.RepeatedScalarFieldContainer[int]
+    budget_bucket_bounds: _containers.RepeatedScalarFieldContainer[float]
+    budget_bucket_counts: _containers.RepeatedScalarFieldContainer[int]
+    budget_sum: int
+    expected_accepted: float
+    coupled_request_steps: int
+    calibration_observations: int
+    calibration_brier_raw: float
+    calibration_brier_calibrated: float
+    step_time_samples: int
+    step_time_predicted_mean_ms: float
+    step_time_measured_mean_ms: float
+    step_time_abs_error_mean_ms: float
+    def __init__(self, num_speculative_tokens: _Optional[int] = ..., steps: _Optional[int] = ..., request_steps: _Optional[int] = ..., proposed: _Optional[int] = ..., planned: _Optional[int] = ..., verified: _Optional[int] = ..., accepted: _Optional[int] = ..., verified_request_steps: _Optional[int] = ..., window_fallbacks: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_per_request_step: _Optional[float] = ..., budget_mode: _Optional[str] = ..., steps_without_speculation: _Optional[int] = ..., draft_skipped_steps: _Optional[int] = ..., explorations: _Optional[int] = ..., proposal_length_steps: _Optional[_Iterable[int]] = ..., budget_bucket_bounds: _Optional[_Iterable[float]] = ..., budget_bucket_counts: _Optional[_Iterable[int]] = ..., budget_sum: _Optional[int] = ..., expected_accepted: _Optional[float] = ..., coupled_request_steps: _Optional[int] = ..., calibration_observations: _Optional[int] = ..., calibration_brier_raw: _Optional[float] = ..., calibration_brier_calibrated: _Optional[float] = ..., step_time_samples: _Optional[int] = ..., step_time_predicted_mean_ms: _Optional[float] = ..., step_time_measured_mean_ms: _Optional[float] = ..., step_time_abs_error_mean_ms: _Optional[float] = ...) -> None: ...
 
 class InstanceStatus(_message.Message):
-    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason", "spec_decode", "restarts", "pid")
+    __slots__ = ("instance_id", "role", "state", "node_id", "load", "requests_served", "tokens_generated", "prompt_tokens_computed", "kv_transfer", "death_reason", "spec_decode", "restarts", "pid", "tensor_parallel_size", "rank_pids", "prefix_cache")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +241,9 @@ class InstanceStatus(_message.Message):
     SPEC_DECODE_FIELD_NUMBER: _ClassVar[int]
     RESTARTS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_PARALLEL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_PIDS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     role: str
     state: str
@@ -218,10 +257,51 @@ class InstanceStatus(_message.Message):
     spec_decode: SpecDecodeStats
     restarts: int
     pid: int
-    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+    tensor_parallel_size: int
+    rank_pids: _containers.RepeatedScalarFieldContainer[int]
+    prefix_cache: PrefixCacheStats
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., node_id: _Optional[str] = ..., load: _Optional[_Union[InstanceLoad, _Mapping]] = ..., requests_served: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., kv_transfer: _Optional[_Union[KVTransferStats, _Mapping]] = ..., death_reason: _Optional[str] = ..., spec_decode: _Optional[_Union[SpecDecodeStats, _Mapping]] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ..., tensor_parallel_size: _Optional[int] = ..., rank_pids: _Optional[_Iterable[int]] = ..., prefix_cache: _Optional[_Union[PrefixCacheStats, _Mapping]] = ...) -> None: ...
+
+class PrefixCacheStats(_message.Message):
+    __slots__ = ("query_tokens", "hit_tokens_device", "hit_rate", "cached_blocks")
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_DEVICE_FIELD_NUMBER: _ClassVar[int]
+    HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    CACHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    query_tokens: int
+    hit_tokens_device: int
+    hit_rate: float
+    cached_blocks: int
+    def __init__(self, query_tokens: _Optional[int] = ..., hit_tokens_device: _Optional[int] = ..., hit_rate: _Optional[float] = ..., cached_blocks: _Optional[int] = ...) -> None: ...
+
+class RoutingStats(_message.Message):
+    __slots__ = ("policy", "decisions", "expected_cached_tokens", "sessions")
+    class DecisionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class ExpectedCachedTokensEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    decisions: _containers.ScalarMap[str, int]
+    expected_cached_tokens: _containers.ScalarMap[str, int]
+    sessions: int
+    def __init__(self, policy: _Optional[str] = ..., decisions: _Optional[_Mapping[str, int]] = ..., expected_cached_tokens: _Optional[_Mapping[str, int]] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode", "migrations")
+    __slots__ = ("model", "instances", "requests_in_flight", "requests_total", "uptime_s", "mode", "migrations", "frontends", "scheduler", "deployment", "frontend_id", "routing")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -229,6 +309,11 @@ class ClusterStatus(_message.Message):
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    FRONTENDS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULER_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    FRONTEND_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[InstanceStatus]
     requests_in_flight: int
@@ -236,7 +321,46 @@ class ClusterStatus(_message.Message):
     uptime_s: float
     mode: str
     migrations: MigrationStats
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., mode: _Optional[str] = ..., migrations: _Optional[_Union[MigrationStats, _Mapping]] = ...) -> None: ...
+    frontends: _containers.RepeatedCompositeFieldContainer[FrontEndStatus]
+    scheduler: SchedulerStatus
+    deployment: str
+    frontend_id: str
+    routing: RoutingStats
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[InstanceStatus, _Mapping]]] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., mode: _Optional[str] = ..., migrations: _Optional[_Union[MigrationStats, _Mapping]] = ..., frontends: _Optional[_Iterable[_Union[FrontEndStatus, _Mapping]]] = ..., scheduler: _Optional[_Union[SchedulerStatus, _Mapping]] = ..., deployment: _Optional[str] = ..., frontend_id: _Optional[str] = ..., routing: _Optional[_Union[RoutingStats, _Mapping]] = ...) -> None: ...
+
+class FrontEndStatus(_message.Message):
+    __slots__ = ("frontend_id", "address", "pid", "node_id", "state", "requests_in_flight", "requests_total", "uptime_s", "last_seen_s")
+    FRONTEND_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    frontend_id: str
+    address: str
+    pid: int
+    node_id: str
+    state: str
+    requests_in_flight: int
+    requests_total: int
+    uptime_s: float
+    last_seen_s: float
+    def __init__(self, frontend_id: _Optional[str] = ..., address: _Optional[str] = ..., pid: _Optional[int] = ..., node_id: _Optional[str] = ..., state: _Optional[str] = ..., requests_in_flight: _Optional[int] = ..., requests_total: _Optional[int] = ..., uptime_s: _Optional[float] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+
+class SchedulerStatus(_message.Message):
+    __slots__ = ("state", "uptime_s", "restarts", "pid")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    uptime_s: float
+    restarts: int
+    pid: int
+    def __init__(self, state: _Optional[str] = ..., uptime_s: _Optional[float] = ..., restarts: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("request_id", "target_instance")

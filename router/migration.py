@@ -10,9 +10,19 @@ PRECOPY: each stage exposes the source's full blocks filled since the last stage
 destination grows its reservation and pulls them while the request keeps decoding. When a
 stage found little new (`stop_copy_blocks`) or after `max_stages`, STOPPING ends the request on
 the source (its stream ends with "migrated" after its last token) and holds the rest;
-COMMITTING pulls that small tail and adds the request (prompt + every token so far) on the
-destination, which adopts the reserved blocks and samples the next token. The router then
-takes that engine's deltas for the request: one stream, no gap token lost or repeated.
+COMMITTING pulls that small tail and adds the request (prompt + every token so far, as the
+source's reply gives it) on the destination, which adopts the reserved blocks and samples the
+next token.
+
+The coordinator runs in the global scheduler, which never carries tokens: the stream lives at
+the request's front end. The source's "migrated" marker (after the request's last token there)
+names the destination and the request's new engine-side id, so the front end switches its
+stream to the destination by itself (holding back any destination delta that outruns the
+marker): one stream, no token lost or repeated, whichever front end owns it. After the stop
+there is no going back to the source: a commit that fails still runs the request on the
+destination, recomputing its KV (or, if the destination died, the front end replays it). The
+source keeps the continuation until the commit is confirmed, so a scheduler that died midway
+is replaced by one that finishes the job (`finish_stopped`).
 
 Modes, for the downtime benchmark: live (above), stop_copy (no stages: everything is copied
 after the stop) and recompute (nothing is copied: the destination recomputes the sequence).
@@ -20,17 +30,16 @@ after the stop) and recompute (nothing is copied: the destination recomputes the
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import time
 from typing import Protocol, runtime_checkable
 
 from cluster.config import MigrationConfig
 from cluster.kv.layout import blocks_for_tokens
-from cluster.protocol import EngineRequest, Sampling, TokenDelta, tail_transfer_id
+from cluster.protocol import EngineRequest, LiveRequest, tail_transfer_id
 from router.instances import InstanceState
 from router.migration_types import MigrationRecord, MigrationState
-from router.request_table import RequestState, RequestTable
 
 log = logging.getLogger(__name__)
 
@@ -64,55 +73,58 @@ def advance(rec: MigrationRecord, new: MigrationState) -> None:
 
 @runtime_checkable
 class MigrationHost(Protocol):
-    """What the coordinator needs from the component that owns the requests' streams (the
-    Router): their table, deadline-bound actor calls, and how a request resumes elsewhere."""
-
-    table: RequestTable
+    """What the coordinator needs from the component that places requests (the global
+    scheduler): deadline-bound actor calls, whether a request still runs where it did, and the
+    bookkeeping of a request that moved."""
 
     async def call_actor(self, ref):
-        """Awaits an actor call's result under the router's per-call deadline."""
+        """Awaits an actor call's result under the scheduler's per-call deadline."""
 
     def fire(self, ref) -> None:
         """Sends an actor call whose result nobody waits for (still under a deadline)."""
 
-    def remaining(self, state: RequestState) -> tuple[tuple[int, ...], Sampling]:
-        """Prompt + tokens streamed so far, and the sampling budget left."""
+    def request_left(self, req: LiveRequest, src) -> str | None:
+        """Why `req` no longer runs on `src` under its engine-side id: "finished" or
+        "replayed"; None while it still does (as far as the scheduler knows)."""
 
-    def next_attempt(self, state: RequestState) -> str:
-        """A fresh engine-side id for the request's next attempt (replay, migration commit)."""
+    def moved(self, rec: MigrationRecord, req: LiveRequest, src, dst, request: EngineRequest) -> None:
+        """The request runs on `dst` as `request` from now on (dispatch counts it there)."""
+
+
+def continuation_id(rec: MigrationRecord) -> str:
+    """The request's engine-side id on the destination (unique per migration)."""
+    return rec.migration_id
 
 
 class MigrationCoordinator:
-    """Runs migrations for the requests of a MigrationHost."""
+    """Runs migrations of requests placed by a MigrationHost."""
 
-    def __init__(self, router: MigrationHost, config: MigrationConfig):
-        self.router = router
+    def __init__(self, host: MigrationHost, config: MigrationConfig):
+        self.host = host
         self.config = config
 
-    async def run(self, rec: MigrationRecord, state, src, dst, mode: str = "live") -> MigrationRecord:
-        engine_id = state.engine_request_id
-        stopped = False
+    async def run(self, rec: MigrationRecord, req: LiveRequest, src, dst, mode: str = "live") -> MigrationRecord:
+        engine_id = req.request_id
+        stopped = None
         try:
-            stopped_info, staged = await self._precopy_and_stop(rec, state, src, dst, engine_id, mode)
-            stopped = True
-            await self._commit(rec, state, src, dst, engine_id, staged, stopped_info, mode)
+            stopped, staged = await self._precopy_and_stop(rec, req, src, dst, engine_id, mode)
+            await self._commit(rec, req, src, dst, staged, stopped, mode)
         except MigrationAborted as exc:
-            self._abort(rec, state, src, dst, engine_id, exc.reason, stopped)
+            self._abort(rec, src, dst, exc.reason, stopped)
         except Exception as exc:  # noqa: BLE001 - a dead or hung actor, a transfer failure, a bug: abort cleanly
-            key = "source_failed" if not stopped and self._source_gone(state, src, engine_id) else (
-                "destination_failed")
-            self._abort(rec, state, src, dst, engine_id, f"{key}: {type(exc).__name__}: {exc}", stopped)
+            key = "source_failed" if stopped is None and self._source_gone(req, src) else "destination_failed"
+            self._abort(rec, src, dst, f"{key}: {type(exc).__name__}: {exc}", stopped)
         return rec
 
     # ---- before the stop: the request runs on the source throughout ----
-    async def _precopy_and_stop(self, rec, state, src, dst, engine_id, mode):
-        call = self.router.call_actor
+    async def _precopy_and_stop(self, rec, req, src, dst, engine_id, mode):
+        call = self.host.call_actor
         block_size = src.info.block_size
         staged, preemptions, last = 0, -1, None
         if mode == "live":
             advance(rec, MigrationState.PRECOPY)
             for stage in range(self.config.max_stages):
-                self._check_source(state, src, engine_id)
+                self._check_source(req, src)
                 out = await self._source_call(src, src.actor.migrate_out_stage.remote(
                     engine_id, rec.migration_id, stage, staged))
                 if out["status"] != "ok":
@@ -124,7 +136,7 @@ class MigrationCoordinator:
                     try:
                         await self._reserve(dst, rec, out["full_blocks"])
                     except MigrationAborted:
-                        self.router.fire(src.actor.kv_release.remote(out["transfer_id"]))
+                        self.host.fire(src.actor.kv_release.remote(out["transfer_id"]))
                         raise
                     await call(dst.actor.migrate_in_pull.remote(
                         rec.migration_id, src.instance_id, src.actor, src.info.node_id, out["transfer_id"],
@@ -132,7 +144,7 @@ class MigrationCoordinator:
                     staged = out["full_blocks"]
                     rec.blocks_copied += out["num_blocks"]
                 else:
-                    self.router.fire(src.actor.kv_release.remote(out["transfer_id"]))
+                    self.host.fire(src.actor.kv_release.remote(out["transfer_id"]))
                 rec.stages += 1
                 if out["num_blocks"] <= self.config.stop_copy_blocks:
                     break
@@ -140,16 +152,17 @@ class MigrationCoordinator:
             await self._reserve(dst, rec, blocks_for_tokens(last["num_computed_tokens"], block_size) + 1)
         elif mode == "stop_copy":
             advance(rec, MigrationState.STOPPING)
-            self._check_source(state, src, engine_id)
+            self._check_source(req, src)
         elif mode != "recompute":
             raise ValueError(f"unknown migration mode {mode!r} (one of {MODES})")
         if rec.state != MigrationState.STOPPING:
             advance(rec, MigrationState.STOPPING)
-        self._check_source(state, src, engine_id)
-        state.migration_stopped.clear()
+        self._check_source(req, src)
         self._mark(rec)
+        # The marker the source ends the stream with tells the front end where it continues.
+        continuation = {"request_id": continuation_id(rec), "instance_id": dst.instance_id}
         out = await self._source_call(src, src.actor.migrate_out_stop.remote(
-            engine_id, rec.migration_id, staged, preemptions))
+            engine_id, rec.migration_id, staged, preemptions, continuation))
         self._mark(rec, "stop")
         if out["status"] != "stopped":
             raise MigrationAborted(self._not_running(out["status"]))
@@ -157,16 +170,13 @@ class MigrationCoordinator:
         return out, staged
 
     # ---- after the stop: the request runs nowhere until the commit ----
-    async def _commit(self, rec, state, src, dst, engine_id, staged, stop, mode) -> None:
-        call = self.router.call_actor
-        # Every token the source produced reached the stream before its "migrated" delta.
-        await self._wait_stream_caught_up(state, engine_id)
-        self._mark(rec, "catch_up")
+    async def _commit(self, rec, req, src, dst, staged, stop, mode) -> None:
+        call = self.host.call_actor
         advance(rec, MigrationState.COMMITTING)
         num_tokens = stop["num_computed_tokens"]
         if mode == "recompute":
             num_tokens = 0
-            self.router.fire(src.actor.kv_release.remote(stop["transfer_id"]))
+            self.host.fire(src.actor.kv_release.remote(stop["transfer_id"]))
         else:
             await self._reserve(dst, rec, blocks_for_tokens(num_tokens, src.info.block_size))
             await call(dst.actor.migrate_in_pull.remote(
@@ -174,34 +184,25 @@ class MigrationCoordinator:
                 staged, stop["num_blocks"], self.config.timeout_s))
             rec.blocks_copied += stop["num_blocks"]
         self._mark(rec, "tail")
-        if self.router.table.get(state.request_id) is not state or state.finished:
-            raise MigrationAborted("client_gone: the request ended while it moved")
-        if state.engine_request_id != engine_id or state.instance_id != src.instance_id:
-            raise MigrationAborted("source_failed: the request was replayed while it moved")
-        prompt, sampling = self.router.remaining(state)
-        new_id = self.router.next_attempt(state)
         kv = {"migrated_in": rec.migration_id} if num_tokens else None
-        request = EngineRequest(new_id, prompt, sampling, state.request.priority, kv_transfer=kv)
-        # Switch the stream to the destination before it can produce anything.
-        src.in_flight.discard(state.request_id)
-        src.requests_served += 1
-        state.instance_id = dst.instance_id
-        dst.in_flight.add(state.request_id)
-        state.resumed_migration = rec
+        request = dataclasses.replace(stop["request"], kv_transfer=kv)
+        self.host.moved(rec, req, src, dst, request)
         if num_tokens:
             await call(dst.actor.migrate_in_commit.remote(rec.migration_id, request, num_tokens))
         else:
             await call(dst.actor.add_request.remote(request))
         self._mark(rec, "commit")
-        state.served_by.append(dst.instance_id)
+        rec.phases_s["_wall_commit"] = time.time()  # the front end's first token is timed against it
         advance(rec, MigrationState.COMMITTED)
+        self.host.fire(src.actor.migrate_out_done.remote(rec.migration_id))
 
     async def _source_call(self, src, ref):
         """A call to the source before the request stopped there: its failure aborts the
         migration as the source's (if the source did stop the request and only the reply was
-        lost, its "migrated" marker finds no migration and the router replays the request)."""
+        lost, the scheduler finds the stopped request in the source's snapshot and finishes
+        the move: `finish_stopped`)."""
         try:
-            return await self.router.call_actor(ref)
+            return await self.host.call_actor(ref)
         except Exception as exc:
             raise MigrationAborted(f"source_failed: {src.instance_id}: {type(exc).__name__}: {exc}") from exc
 
@@ -213,22 +214,8 @@ class MigrationCoordinator:
             rec.phases_s[phase] = now - rec.phases_s.get("_t", now)
         rec.phases_s["_t"] = now
 
-    async def _wait_stream_caught_up(self, state, engine_id: str) -> None:
-        deadline = time.monotonic() + self.config.timeout_s
-        while not state.migration_stopped.is_set():
-            if state.engine_request_id != engine_id:
-                raise MigrationAborted("source_failed: the request was replayed while it stopped")
-            if state.finished:
-                raise MigrationAborted("finished: a stop string ended the request as it stopped")
-            if time.monotonic() > deadline:
-                raise MigrationAborted("timeout: the source's last tokens never arrived")
-            try:
-                await asyncio.wait_for(state.migration_stopped.wait(), 0.05)
-            except asyncio.TimeoutError:
-                pass
-
     async def _reserve(self, dst, rec, total_blocks: int) -> None:
-        out = await self.router.call_actor(dst.actor.migrate_in_reserve.remote(
+        out = await self.host.call_actor(dst.actor.migrate_in_reserve.remote(
             rec.migration_id, total_blocks, self.config.reserve_watermark_blocks))
         if out["status"] == "no_memory":
             raise MigrationAborted(f"destination_no_memory: {dst.instance_id} cannot spare {total_blocks} blocks")
@@ -236,43 +223,48 @@ class MigrationCoordinator:
             raise MigrationAborted(f"unsupported: {out.get('reason', out['status'])}")
 
     # ---- ways out ----
-    def _abort(self, rec, state, src, dst, engine_id, reason: str, stopped: bool) -> None:
+    def _abort(self, rec, src, dst, reason: str, stopped: dict | None) -> None:
         log.warning("migration %s of %s (%s -> %s) aborted: %s", rec.migration_id, rec.request_id,
                     src.instance_id, dst.instance_id, reason)
         rec.reason = reason
         if rec.state != MigrationState.ABORTED:
             advance(rec, MigrationState.ABORTED)
         if dst.state != InstanceState.DEAD:
-            self.router.fire(dst.actor.migrate_in_cancel.remote(rec.migration_id))
+            self.host.fire(dst.actor.migrate_in_cancel.remote(rec.migration_id))
         if src.state != InstanceState.DEAD:
-            self.router.fire(src.actor.migrate_out_cancel.remote(rec.migration_id))
-        state.resumed_migration = None
-        if not stopped:
+            self.host.fire(src.actor.migrate_out_cancel.remote(rec.migration_id))
+        if stopped is None:
             return  # the request never stopped on the source: it simply stays there
-        if src.state != InstanceState.DEAD:
-            self.router.fire(src.actor.kv_release.remote(tail_transfer_id(rec.migration_id)))
-        if self.router.table.get(state.request_id) is not state or state.finished:
-            return
-        if state.engine_request_id != engine_id and state.instance_id != dst.instance_id:
-            return  # the router already replayed it (its source died): that attempt is not ours
-        if state.instance_id == dst.instance_id and state.engine_request_id != engine_id:
-            self.router.fire(dst.actor.abort.remote([state.engine_request_id]))
-        # Stopped on the source, not running on the destination: replay what is left of it.
-        state.deltas.put_nowait(TokenDelta(state.engine_request_id, [], True, "dead",
-                                           error=f"migration {rec.migration_id} failed after the stop: {reason}"))
+        # Stopped on the source, and its front end already follows it to the destination: run
+        # it there without the KV (recomputed), or, the destination being dead, let the front
+        # end replay it.
+        self.finish_stopped(rec.migration_id, stopped["request"], src, dst, cancel_reservation=False)
 
-    @staticmethod
-    def _check_source(state, src, engine_id: str) -> None:
-        if state.finished:
-            raise MigrationAborted("finished: the request finished on the source")
-        if state.engine_request_id != engine_id or state.instance_id != src.instance_id:
-            raise MigrationAborted("source_failed: the request left the source (replayed)")
+    def finish_stopped(self, migration_id: str, request: EngineRequest, src, dst,
+                       cancel_reservation: bool = True) -> None:
+        """A request stopped on `src` for a migration that will not commit: start it on `dst`
+        (recompute; an engine runs an id once, so this is safe to repeat) and release what the
+        source still holds for it."""
+        if src.state != InstanceState.DEAD:
+            self.host.fire(src.actor.kv_release.remote(tail_transfer_id(migration_id)))
+            self.host.fire(src.actor.migrate_out_done.remote(migration_id))
+        if dst is None or dst.state == InstanceState.DEAD:
+            return
+        if cancel_reservation:
+            self.host.fire(dst.actor.migrate_in_cancel.remote(migration_id))
+        self.host.fire(dst.actor.add_request.remote(dataclasses.replace(request, kv_transfer=None)))
+
+    def _check_source(self, req, src) -> None:
         if src.state == InstanceState.DEAD:
             raise MigrationAborted(f"source_failed: {src.instance_id} died")
+        left = self.host.request_left(req, src)
+        if left == "finished":
+            raise MigrationAborted("finished: the request finished on the source")
+        if left is not None:
+            raise MigrationAborted("source_failed: the request left the source (replayed)")
 
-    @staticmethod
-    def _source_gone(state, src, engine_id: str) -> bool:
-        return src.state == InstanceState.DEAD or state.engine_request_id != engine_id
+    def _source_gone(self, req, src) -> bool:
+        return src.state == InstanceState.DEAD or self.host.request_left(req, src) is not None
 
     @staticmethod
     def _not_running(status: str) -> str:

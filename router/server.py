@@ -1,11 +1,11 @@
-"""The gRPC front end: DisaggServe service, standard health service and server reflection."""
+"""The gRPC server of a front end: DisaggServe service, standard health service and server
+reflection, over router/frontend.py's FrontEnd."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import math
-import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -18,8 +18,8 @@ from router.migration_types import DrainResult, MigrationRecord
 from router.security import BearerTokenInterceptor, server_credentials
 from router.validation import Limits, validate
 
-if TYPE_CHECKING:  # annotations only: the servicer needs nothing else of the router module
-    from router.router import Chunk, Router
+if TYPE_CHECKING:  # annotations only: the servicer needs nothing else of the front end module
+    from router.frontend import Chunk, FrontEnd
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def _log_orphaned(task: asyncio.Future) -> None:
 
 
 class DisaggServeServicer:
-    def __init__(self, router: Router, model_name: str, limits: Limits, block_size: int,
+    def __init__(self, router: FrontEnd, model_name: str, limits: Limits, block_size: int,
                  eos_token_ids, bos_token_id):
         self.router = router
         self.model_name = model_name
@@ -200,7 +200,7 @@ class DisaggServeServicer:
                     f"timeout_s must be a finite number >= 0 (0: the server's default), "
                     f"got {request.timeout_s}")
             if request.cancel:
-                self.router.undrain(request.instance_id)
+                await self.router.undrain(request.instance_id)
                 return pb.DrainResponse(instance_id=request.instance_id)
             result = await _detached(self.router.drain(request.instance_id, request.timeout_s or None))
         except RequestError as exc:
@@ -220,42 +220,74 @@ class DisaggServeServicer:
         )
 
     async def GetClusterStatus(self, request, context):
-        r = self.router
-        status = pb.ClusterStatus(
-            model=self.model_name,
-            requests_in_flight=len(r.table),
-            requests_total=r.requests_total,
-            uptime_s=time.time() - r.started_at,
-            mode="disaggregated" if r.disaggregated else "colocated",
-            migrations=migration_stats_to_proto(r.migration_snapshot()),
+        return status_to_proto(await self.router.cluster_status(), self.model_name)
+
+
+def status_to_proto(s: dict, model_name: str) -> pb.ClusterStatus:
+    """FrontEnd.cluster_status() (the scheduler's view, this front end's numbers) as a message."""
+    status = pb.ClusterStatus(
+        model=model_name,
+        requests_in_flight=int(s.get("requests_in_flight", 0)),
+        requests_total=int(s.get("requests_total", 0)),
+        uptime_s=float(s.get("uptime_s", 0.0)),
+        mode=s.get("mode", ""),
+        deployment=s.get("deployment", ""),
+        frontend_id=s.get("frontend_id", ""),
+    )
+    if s.get("migrations"):
+        status.migrations.CopyFrom(migration_stats_to_proto(s["migrations"]))
+    routing = s.get("routing")
+    if routing:
+        status.routing.CopyFrom(pb.RoutingStats(
+            policy=routing.get("policy", ""), sessions=int(routing.get("sessions", 0)),
+            decisions={f"{role}/{reason}": int(n) for role, by_reason in routing.get("decisions", {}).items()
+                       for reason, n in by_reason.items()},
+            expected_cached_tokens={k: int(v) for k, v in routing.get("expected_cached_tokens", {}).items()}))
+    sched = s.get("scheduler") or {}
+    status.scheduler.CopyFrom(pb.SchedulerStatus(state=sched.get("state", "serving"),
+                                                 uptime_s=float(sched.get("uptime_s", 0.0)),
+                                                 restarts=int(sched.get("restarts", 0)),
+                                                 pid=int(sched.get("pid", 0))))
+    for f in s.get("frontends", ()):
+        status.frontends.add(frontend_id=f["frontend_id"], address=str(f.get("address", "")),
+                             pid=int(f.get("pid", 0)), node_id=str(f.get("node_id", "")), state=f["state"],
+                             requests_in_flight=int(f.get("requests_in_flight", 0)),
+                             requests_total=int(f.get("requests_total", 0)),
+                             uptime_s=float(f.get("uptime_s", 0.0)), last_seen_s=float(f.get("last_seen_s", 0.0)))
+    for inst in s.get("instances", ()):
+        info, load = inst["info"], inst.get("load")
+        entry = status.instances.add(
+            instance_id=info.instance_id, role=info.role, state=inst["state"],
+            node_id=info.node_id, requests_served=int(inst.get("requests_served", 0)),
+            death_reason=inst.get("death_reason") or "", restarts=int(inst.get("restarts", 0)), pid=info.pid,
+            tensor_parallel_size=info.tensor_parallel_size, rank_pids=list(info.rank_pids),
         )
-        for inst in r.instances.values():
-            entry = status.instances.add(
-                instance_id=inst.instance_id, role=inst.role, state=inst.state.value,
-                node_id=inst.info.node_id, requests_served=inst.requests_served,
-                death_reason=inst.death_reason or "", restarts=inst.restarts, pid=inst.info.pid,
-            )
-            if inst.load is not None:
-                load = inst.load
-                entry.tokens_generated = load.tokens_generated
-                entry.prompt_tokens_computed = load.prompt_tokens_computed
-                if load.spec:
-                    entry.spec_decode.CopyFrom(pb.SpecDecodeStats(
-                        **{k: v for k, v in load.spec.items() if k in _SPEC_FIELDS and v is not None}))
-                if load.kv:
-                    entry.kv_transfer.CopyFrom(pb.KVTransferStats(
-                        **{k: v for k, v in load.kv.items() if k in _KV_FIELDS}))
-                entry.load.CopyFrom(pb.InstanceLoad(
-                    num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
-                    num_running=load.num_running, num_waiting=load.num_waiting,
-                    queued_prompt_tokens=load.queued_prompt_tokens, kv_usage=load.kv_usage,
-                ))
-        return status
+        if load is not None:
+            entry.tokens_generated = load.tokens_generated
+            entry.prompt_tokens_computed = load.prompt_tokens_computed
+            if load.spec:
+                entry.spec_decode.CopyFrom(pb.SpecDecodeStats(
+                    **{k: v for k, v in load.spec.items() if k in _SPEC_FIELDS and v is not None}))
+            if load.prefix:
+                queried = int(load.prefix.get("query_tokens", 0))
+                hits = int(load.prefix.get("hit_tokens_device", 0))
+                entry.prefix_cache.CopyFrom(pb.PrefixCacheStats(
+                    query_tokens=queried, hit_tokens_device=hits, hit_rate=hits / queried if queried else 0.0,
+                    cached_blocks=int(load.prefix.get("cached_blocks", 0))))
+            if load.kv:
+                entry.kv_transfer.CopyFrom(pb.KVTransferStats(
+                    **{k: v for k, v in load.kv.items() if k in _KV_FIELDS}))
+            entry.load.CopyFrom(pb.InstanceLoad(
+                num_total_blocks=load.num_total_blocks, num_free_blocks=load.num_free_blocks,
+                num_running=load.num_running, num_waiting=load.num_waiting,
+                queued_prompt_tokens=load.queued_prompt_tokens, kv_usage=load.kv_usage,
+            ))
+    return status
 
 
 async def start_grpc_server(servicer: DisaggServeServicer, host: str, port: int, *,
                             max_concurrent_rpcs: int | None = None, tls: tuple[str, str] | None = None,
-                            auth_token: str | None = None) -> tuple[grpc.aio.Server, int]:
+                            auth_token: str | None = None, reuse_port: bool = False) -> tuple[grpc.aio.Server, int]:
     """Starts the server; returns it and the bound port (port 0 picks a free one)."""
     interceptors = [BearerTokenInterceptor(auth_token)] if auth_token else []
     server = grpc.aio.server(
@@ -263,7 +295,9 @@ async def start_grpc_server(servicer: DisaggServeServicer, host: str, port: int,
         # A hard backstop past the router's own admission control: gRPC itself answers
         # RESOURCE_EXHAUSTED instead of buffering without bound.
         maximum_concurrent_rpcs=max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 0)],
+        # SO_REUSEPORT only when asked: several front ends on one node then share one port
+        # (the kernel spreads connections over them); off, a taken port fails loudly.
+        options=[("grpc.max_receive_message_length", 16 << 20), ("grpc.so_reuseport", 1 if reuse_port else 0)],
     )
     add_servicer(servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -2,22 +2,33 @@
 
 The engine is not thread-safe, so only the loop thread touches it: callers enqueue commands
 (add, abort) and collect per-step token deltas with `poll`, which blocks until output exists
-or a timeout passes. One poll returns every delta produced since the previous poll.
+or a timeout passes. One poll returns every delta produced since the previous poll for the
+polling front end: deltas wait in per-front-end queues (cluster/engine/outbox.py), and a front
+end that stops polling has its requests aborted and their KV freed (its orphan lease), while
+other front ends' requests run on.
+
+The loop also remembers what each live request is (its prompt, sampling, owner and the tokens
+it produced here), so the global scheduler can read a snapshot of it and a live migration can
+continue it elsewhere as "prompt + tokens so far" without asking the front end.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
 import time
 import traceback
+from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.config import EngineConfig
 from cluster.engine import vllm_adapter as va
-from cluster.protocol import EngineRequest, LoadReport, StepBatch, TokenDelta
+from cluster.engine.outbox import Outbox
+from cluster.engine.prefix_tracker import PrefixTracker
+from cluster.protocol import EngineRequest, EngineSnapshot, LiveRequest, LoadReport, StepBatch, TokenDelta
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +55,20 @@ class EngineStopped(RuntimeError):
     pass
 
 
+@dataclass
+class _Live:
+    """What the loop keeps about a live request."""
+
+    request: EngineRequest
+    outputs: list[int] = field(default_factory=list)
+
+
+# Ids the engine has run or been told to abort, remembered so that a late or repeated add of
+# the same id (a migration's continuation after the front end gave up on it, a restarted
+# scheduler completing a migration twice) is refused instead of running twice.
+KNOWN_IDS = 65536
+
+
 def coalesce(deltas: list[TokenDelta]) -> list[TokenDelta]:
     """One delta per request: the steps since the last poll, in order (fewer router wake-ups)."""
     merged: dict[str, TokenDelta] = {}
@@ -51,36 +76,56 @@ def coalesce(deltas: list[TokenDelta]) -> list[TokenDelta]:
         m = merged.get(d.request_id)
         if m is None:
             merged[d.request_id] = TokenDelta(d.request_id, list(d.token_ids), d.finished,
-                                              d.finish_reason, d.stop_token_id, d.error)
+                                              d.finish_reason, d.stop_token_id, d.error,
+                                              d.num_cached_tokens, d.migration_id, d.migrated_to,
+                                              d.continued_as)
             continue
         m.token_ids.extend(d.token_ids)
         if d.finished:
             m.finished, m.finish_reason = True, d.finish_reason
             m.stop_token_id, m.error = d.stop_token_id, d.error
+            m.migration_id, m.migrated_to, m.continued_as = d.migration_id, d.migrated_to, d.continued_as
     return list(merged.values())
 
 
 class EngineLoop:
-    def __init__(self, config: EngineConfig, instance_id: str, engine=None, kv_transfer=None, agent=None,
-                 speculative: dict | None = None):
+    def __init__(self, config: EngineConfig, instance_id: str, engine=None, kv_transfer=None, kv=None,
+                 speculative: dict | None = None, clock=time.monotonic):
+        """`clock`: what front ends' leases are measured with (a fake one in tests)."""
         self.config = config
         self.instance_id = instance_id
-        # The KV agent (prefill/decode roles) must exist before vLLM builds its connector.
-        self.agent = agent
+        # The KV connector's scheduler side (prefill/decode roles, cluster/kv/connector/scheduler.py)
+        # must exist before vLLM builds its connector; it wakes the loop when it has work for a step.
+        self.kv = kv
         self._wake = threading.Event()
-        if agent is not None:
-            agent.on_event = self._wake.set
+        if kv is not None:
+            kv.on_event = self._wake.set
         self.engine = engine if engine is not None else va.build_engine(config, kv_transfer, speculative)
         # Set by the worker when the engine speculates: a live stats object with snapshot().
         self.spec_stats = None
+        # Prefix caching on: which prefixes the KV cache holds, from vLLM's KV cache events.
+        self.prefix: PrefixTracker | None = None
+        self._prefix_query_tokens = 0
+        self._prefix_hit_tokens = 0
+        # (vLLM may turn it off for a model it cannot cache, e.g. MLA on CPU: then nothing is reported.)
+        if config.enable_prefix_caching and engine is None and va.prefix_caching_enabled(self.engine):
+            self.prefix = PrefixTracker()
+            va.install_kv_event_sink(self.engine, self.prefix.on_events)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: list[TokenDelta] = []
-        self._cond = threading.Condition()
+        # Deltas per owning front end, and each front end's lease.
+        self.outbox = Outbox(clock)
         self._live: set[str] = set()
+        # What each live request is (loop thread writes; snapshot() copies).
+        self._meta: dict[str, _Live] = {}
+        # Ids seen: True once added, False when aborted before it was ever added.
+        self._known: OrderedDict[str, bool] = OrderedDict()
         # External request id -> vLLM's internal id (it appends a suffix), for live requests.
         self._internal: dict[str, str] = {}
         # Called on the loop thread every iteration (reservation deadlines and the like).
         self.housekeeping: list = []
+        # Called on the loop thread with a request the loop refused to add (its id already ran
+        # or was aborted): whatever was set aside for it must be freed (a migration's blocks).
+        self.on_refused = None
         # Requests driven from inside the actor (benchmarks): their deltas bypass poll().
         self._local_sinks: dict[str, queue.SimpleQueue] = {}
         self._stop = threading.Event()
@@ -89,7 +134,6 @@ class EngineLoop:
         self._tokens = 0
         self._finished = 0
         self._prompt_tokens_computed = 0
-        self._last_poll = time.monotonic()
         self.orphans_freed = 0
         self._awaiting_first: set[str] = set()
         self._load = self._measure_load()
@@ -99,6 +143,7 @@ class EngineLoop:
     # ---- caller side (any thread) ----
     def add(self, request: EngineRequest) -> None:
         self._check_alive()
+        self.outbox.touch(request.owner)
         self._commands.put(_Add(request))
         self._wake.set()
 
@@ -118,31 +163,54 @@ class EngineLoop:
         """vLLM's id for a live request (loop thread)."""
         return self._internal.get(request_id) if request_id in self._live else None
 
-    def end_request(self, request_id: str, finish_reason: str) -> None:
+    def end_request(self, request_id: str, finish_reason: str, **marker) -> None:
         """Loop thread: abort a live request in vLLM and end its stream with `finish_reason`
-        (after every token it already produced, since deltas are emitted in order)."""
+        (after every token it already produced, since deltas are emitted in order). `marker`:
+        the migration fields of TokenDelta (where a migrated request continues)."""
         self.engine.abort_request([request_id])
+        owner = self._owner(request_id)
         self._forget(request_id)
         self._finished += 1
-        self._emit([TokenDelta(request_id, [], True, finish_reason)])
+        self._emit([TokenDelta(request_id, [], True, finish_reason, **marker)], [owner])
+
+    def continuation(self, request_id: str, new_request_id: str) -> EngineRequest | None:
+        """Loop thread: the live request as it would continue elsewhere under a new id: prompt
+        + every token it produced, the sampling budget that remains, the same owner."""
+        live = self._meta.get(request_id)
+        if live is None:
+            return None
+        req, done = live.request, len(live.outputs)
+        sampling = dataclasses.replace(req.sampling, max_tokens=req.sampling.max_tokens - done,
+                                       min_tokens=max(0, req.sampling.min_tokens - done))
+        return EngineRequest(new_request_id, tuple(req.prompt_token_ids) + tuple(live.outputs), sampling,
+                             req.priority, owner=req.owner, arrival=req.arrival)
+
+    def _owner(self, request_id: str) -> str:
+        live = self._meta.get(request_id)
+        return live.request.owner if live is not None else ""
 
     def _forget(self, request_id: str) -> None:
         self._live.discard(request_id)
         self._awaiting_first.discard(request_id)
         self._internal.pop(request_id, None)
+        self._meta.pop(request_id, None)
 
-    def poll(self, timeout_s: float) -> StepBatch:
-        """Every delta since the last poll; waits up to timeout_s for the first one."""
-        deadline = time.monotonic() + timeout_s
-        self._last_poll = time.monotonic()
-        with self._cond:
-            while not self._outputs and self._fatal is None and not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            deltas, self._outputs = self._outputs, []
-            return StepBatch(deltas=coalesce(deltas), load=self._load, fatal_error=self._fatal)
+    def poll(self, timeout_s: float, owner: str = "") -> StepBatch:
+        """Every delta for `owner` since its last poll; waits up to timeout_s for the first one."""
+        deltas = self.outbox.take(owner, timeout_s) if self._fatal is None else self.outbox.take(owner, 0)
+        return StepBatch(deltas=coalesce(deltas), load=self._load, fatal_error=self._fatal)
+
+    def snapshot(self, prefix_since: int | None = None) -> EngineSnapshot:
+        """The load and every live request with its owner and progress (any thread); with
+        prefix caching on, the changes to the cached prefixes after `prefix_since`."""
+        meta = dict(self._meta)  # a copy taken under the GIL; the loop thread mutates the dict
+        requests = tuple(
+            LiveRequest(rid, live.request.owner, len(live.request.prompt_token_ids), len(live.outputs),
+                        live.request.priority, live.request.arrival)
+            for rid, live in meta.items())
+        return EngineSnapshot(load=self._load, requests=requests, owners=self.outbox.leases(),
+                              fatal_error=self._fatal,
+                              prefix=self.prefix.read(prefix_since) if self.prefix is not None else None)
 
     def load(self) -> LoadReport:
         return self._load
@@ -176,8 +244,7 @@ class EngineLoop:
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout_s)
-        with self._cond:
-            self._cond.notify_all()
+        self.outbox.close()
 
     def _check_alive(self) -> None:
         if self._fatal is not None:
@@ -189,12 +256,14 @@ class EngineLoop:
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
-                if self.agent is not None:
-                    self.agent.expire_holds()
+                if self.kv is not None:
+                    self.kv.expire_holds()
                 self._drain_commands()
                 for fn in self.housekeeping:
                     fn()
                 self._free_orphans()
+                if va.executor_failed(self.engine):  # a rank process died, even while idle
+                    raise EngineStopped(f"a rank process of engine {self.instance_id} died")
                 if va.has_work(self.engine):
                     produced = self._step()
                     if not produced and va.num_running(self.engine) == 0:
@@ -203,29 +272,40 @@ class EngineLoop:
                 else:
                     self._idle(0.1)
                 self._load = self._measure_load()
-        except Exception as exc:  # the engine is unusable: fail every live request loudly
+        except Exception as exc:  # the engine is unusable: end every live request loudly
             log.exception("engine %s failed", self.instance_id)
             self._fatal = f"{type(exc).__name__}: {exc}"
-            self._emit([TokenDelta(r, [], True, "error", error=self._fatal) for r in self._live])
+            # A dead rank process is the instance dying (its requests replay elsewhere, as when
+            # the actor dies); anything else is the engine failing them.
+            reason = "dead" if isinstance(exc, EngineStopped) or va.executor_failed(self.engine) else "error"
+            live = list(self._live)
+            self._emit([TokenDelta(r, [], True, reason, error=self._fatal) for r in live],
+                       [self._owner(r) for r in live])
             self._live.clear()
+            self.outbox.close()
             traceback.print_exc()
 
     def _free_orphans(self) -> None:
-        """Nobody has polled for a while (the router died or hangs): nobody will read these
-        requests' tokens, so free them rather than decode into the void."""
-        if not self._live or time.monotonic() - self._last_poll < self.config.orphan_timeout_s:
+        """A front end has not polled for a while (it died or hangs): nobody will read its
+        requests' tokens, so free them rather than decode into the void. Other front ends'
+        requests are untouched."""
+        if not self._live:
             return
-        orphans = [r for r in self._live if r not in self._local_sinks]
-        if not orphans:
-            return
-        log.warning("engine %s: no poll for %.0fs, aborting %d orphaned request(s)", self.instance_id,
-                    self.config.orphan_timeout_s, len(orphans))
-        self.engine.abort_request(orphans)
-        for r in orphans:
-            self._forget(r)
-        self.orphans_freed += len(orphans)
-        with self._cond:
-            self._outputs.clear()
+        now = self.outbox.clock()
+        by_owner: dict[str, list[str]] = {}
+        for r in self._live:
+            if r not in self._local_sinks:
+                by_owner.setdefault(self._owner(r), []).append(r)
+        for owner, orphans in by_owner.items():
+            if self.outbox.silent_for(owner, now) < self.config.orphan_timeout_s:
+                continue
+            log.warning("engine %s: front end %r did not poll for %.0fs, aborting its %d request(s)",
+                        self.instance_id, owner, self.config.orphan_timeout_s, len(orphans))
+            self.engine.abort_request(orphans)
+            for r in orphans:
+                self._forget(r)
+            self.orphans_freed += len(orphans)
+            self.outbox.drop(owner)
 
     def _idle(self, timeout_s: float) -> None:
         self._wake.wait(timeout_s)
@@ -249,6 +329,14 @@ class EngineLoop:
                         cmd.future.set_exception(exc)
 
     def _add(self, request: EngineRequest) -> None:
+        known = self._known.get(request.request_id)
+        if known is not None:
+            if not known:  # aborted before it arrived: it must not start after all
+                self._emit([TokenDelta(request.request_id, [], True, "abort")], [request.owner])
+            if self.on_refused is not None:
+                self.on_refused(request)
+            return  # an id runs once: a repeated add (a retried continuation) changes nothing
+        self._remember(request.request_id, True)
         try:
             internal = self.engine.add_request(
                 request.request_id,
@@ -257,37 +345,66 @@ class EngineLoop:
                 priority=-request.priority,  # vLLM serves lower values first
             )
         except Exception as exc:  # noqa: BLE001 - whatever vLLM rejects one request with must not stop the engine
-            self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))])
+            self._emit([TokenDelta(request.request_id, [], True, "error", error=str(exc))], [request.owner])
             return
         self._live.add(request.request_id)
+        self._meta[request.request_id] = _Live(request)
         self._internal[request.request_id] = internal
         self._awaiting_first.add(request.request_id)
 
+    def _remember(self, request_id: str, added: bool) -> None:
+        self._known[request_id] = added
+        self._known.move_to_end(request_id)
+        while len(self._known) > KNOWN_IDS:
+            self._known.popitem(last=False)
+
     def _abort(self, request_ids) -> None:
+        for r in request_ids:
+            if r not in self._known:
+                self._remember(r, False)  # not here yet: refuse it if it comes
         live = [r for r in request_ids if r in self._live]
         if not live:
             return
         self.engine.abort_request(live)
+        owners = [self._owner(r) for r in live]
         for r in live:
             self._forget(r)
         self._finished += len(live)
-        self._emit([TokenDelta(r, [], True, "abort") for r in live])
+        self._emit([TokenDelta(r, [], True, "abort") for r in live], owners)
+
+    def fail(self, request_id: str, owner: str, reason: str) -> None:
+        """Loop thread: tells `owner` that `request_id` will not run here (a continuation that
+        could not start): its stream replays the request. Refuses the id from now on."""
+        if request_id in self._live:
+            return
+        if request_id not in self._known:
+            self._remember(request_id, False)
+        self._emit([TokenDelta(request_id, [], True, "dead", error=reason)], [owner])
 
     def _step(self) -> int:
         outputs = self.engine.step()
         self._steps += 1
-        deltas = []
+        deltas, owners = [], []
         for out in outputs:
             if out.request_id not in self._live:
                 continue
             completion = out.outputs[0]
             new_ids = list(completion.token_ids)
             self._tokens += len(new_ids)
+            live = self._meta.get(out.request_id)
+            if live is not None:
+                live.outputs.extend(new_ids)
+                owners.append(live.request.owner)
+            else:
+                owners.append("")
             delta = TokenDelta(out.request_id, new_ids)
             if out.request_id in self._awaiting_first and new_ids:
                 self._awaiting_first.discard(out.request_id)
                 delta.num_cached_tokens = out.num_cached_tokens or 0
                 self._prompt_tokens_computed += len(out.prompt_token_ids or ()) - delta.num_cached_tokens
+                if self.prefix is not None:  # with prefix caching off, cached tokens are transferred ones
+                    self._prefix_query_tokens += len(out.prompt_token_ids or ())
+                    self._prefix_hit_tokens += delta.num_cached_tokens
             if out.finished:
                 delta.finished = True
                 delta.finish_reason = completion.finish_reason or "stop"
@@ -297,21 +414,19 @@ class EngineLoop:
                 self._finished += 1
             deltas.append(delta)
         if deltas:
-            self._emit(deltas)
+            self._emit(deltas, owners)
         return len(deltas)
 
-    def _emit(self, deltas: list[TokenDelta]) -> None:
+    def _emit(self, deltas: list[TokenDelta], owners: list[str]) -> None:
+        """Each delta to its request's owner (the front end that polls for it)."""
         routed = []
-        for d in deltas:
+        for d, owner in zip(deltas, owners, strict=True):
             sink = self._local_sinks.get(d.request_id)
             if sink is not None:
                 sink.put(d)
             else:
-                routed.append(d)
-        if routed:
-            with self._cond:
-                self._outputs.extend(routed)
-                self._cond.notify_all()
+                routed.append((owner, d))
+        self.outbox.put_many(routed)
 
     def _measure_load(self) -> LoadReport:
         running, waiting, queued, head_blocks = va.queue_snapshot(self.engine)
@@ -327,6 +442,14 @@ class EngineLoop:
             tokens_generated=self._tokens,
             requests_finished=self._finished,
             prompt_tokens_computed=self._prompt_tokens_computed,
-            kv=self.agent.stats_snapshot() if self.agent is not None else {},
+            kv=self.kv.stats_snapshot() if self.kv is not None else {},
             spec=self.spec_stats.snapshot() if self.spec_stats is not None else {},
+            prefix=self._prefix_stats(),
         )
+
+    def _prefix_stats(self) -> dict:
+        if self.prefix is None:
+            return {}
+        # One tier today: the engine's own KV cache ("device"); see README, prefix reuse.
+        return {"query_tokens": self._prefix_query_tokens, "hit_tokens_device": self._prefix_hit_tokens,
+                "cached_blocks": self.prefix.num_blocks, "orphan_blocks": self.prefix.orphan_blocks}

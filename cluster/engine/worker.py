@@ -2,23 +2,25 @@
 
 The roles' workers add to it: `decode_worker.colocated.ColocatedWorker` (both phases in one
 plain vLLM engine, the baseline of every benchmark), `prefill_worker.worker.PrefillWorker` and
-`decode_worker.worker.DecodeWorker` (with KVWorkerMixin's transfer agent). This module knows
+`decode_worker.worker.DecodeWorker` (with KVWorkerMixin's KV scheduler side). This module knows
 none of them: the launcher maps a role to its class. It must never import a role's package.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 
 import ray
 
 from cluster.config import EngineConfig, SpecConfig, TransferConfig
 from cluster.engine import vllm_adapter as va
 from cluster.engine.loop import EngineLoop
-from cluster.kv.agent import KVTransferAgent, register_agent
-from cluster.kv.transports import make_transport
-from cluster.protocol import EngineRequest, InstanceInfo, LoadReport, StepBatch
+from cluster.kv.connector.metadata import RankEndpoint
+from cluster.kv.connector.scheduler import KVScheduler, register_scheduler
+from cluster.protocol import EngineRequest, EngineSnapshot, InstanceInfo, LoadReport, StepBatch
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +39,23 @@ class EngineWorker:
         logging.basicConfig(level=logging.INFO)
         self.config = config
         self.instance_id = instance_id
+        self.started_at = time.time()
         self.transfer = transfer or TransferConfig()
         self.spec = spec or SpecConfig()
-        self.agent = self._make_agent()
+        self.kv = self._make_kv()
         kv_config = None
-        if self.agent is not None:
-            kv_config = va.kv_transfer_config(self.role, self.agent.agent_id, self.transfer.failure_policy)
+        if self.kv is not None:
+            kv_config = va.kv_transfer_config(self.role, self.kv.scheduler_id, instance_id, self.transfer,
+                                              ray.util.get_node_ip_address())
         speculative = None
         if self.spec.enabled:
             speculative = va.speculative_config(self.spec.draft_model, self.spec.num_speculative_tokens)
-        self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, agent=self.agent,
+        self.loop = EngineLoop(config, instance_id, kv_transfer=kv_config, kv=self.kv,
                                speculative=speculative)
         if speculative is not None:
             self.loop.spec_stats = self._install_spec_policy()
 
-    def _make_agent(self) -> KVTransferAgent | None:
+    def _make_kv(self) -> KVScheduler | None:
         return None  # an engine that moves no KV
 
     def _install_spec_policy(self):
@@ -75,57 +79,61 @@ class EngineWorker:
             eos_token_ids=tuple(e for e in eos if e is not None),
             bos_token_id=engine.model_config.hf_config.bos_token_id,
             pid=os.getpid(),
+            tensor_parallel_size=self.config.tensor_parallel_size,
+            rank_pids=tuple(va.rank_pids(engine)),
         )
 
+    def describe(self) -> dict:
+        """How this engine was built (a reattaching `up` compares it with its own config)."""
+        return {"role": self.role, "instance_id": self.instance_id, "pid": os.getpid(),
+                "started_at": self.started_at, "engine": dataclasses.asdict(self.config),
+                "transfer": dataclasses.asdict(self.transfer), "spec": dataclasses.asdict(self.spec)}
+
     def add_request(self, request: EngineRequest) -> None:
+        """Adds the request; an id this engine already ran is ignored (adds are idempotent)."""
         self.loop.add(request)
 
     def abort(self, request_ids: list[str]) -> None:
         self.loop.abort(request_ids)
 
-    def poll(self, timeout_s: float) -> StepBatch:
-        return self.loop.poll(timeout_s)
+    def fail_request(self, request_id: str, owner: str, reason: str) -> None:
+        """Tells `owner` that `request_id` will not run here; its front end replays it."""
+        self.loop.call(lambda loop: loop.fail(request_id, owner, reason), 10.0)
+
+    def poll(self, timeout_s: float, owner: str = "") -> StepBatch:
+        """The deltas of `owner`'s requests since its last poll (the front end's token pump)."""
+        return self.loop.poll(timeout_s, owner)
 
     def load(self) -> LoadReport:
         return self.loop.load()
+
+    def snapshot(self, prefix_since: int | None = None) -> EngineSnapshot:
+        """Load, live requests and front-end leases: the global scheduler's view of this engine
+        (and, with prefix caching on, the cached prefixes changed after `prefix_since`)."""
+        return self.loop.snapshot(prefix_since)
 
     def run_local(self, requests: list[EngineRequest], timeout_s: float = 600.0) -> dict:
         return self.loop.run_local(requests, timeout_s)
 
     def shutdown(self) -> None:
         self.loop.stop()
-        if self.agent is not None:
-            self.agent.shutdown()
-
-
-
-def make_kv_agent(instance_id: str, transfer: TransferConfig) -> KVTransferAgent:
-    """The transfer agent of a worker that moves KV, registered where vLLM's connector finds it."""
-    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    agent = KVTransferAgent(instance_id, make_transport(transfer.transport, instance_id, node_id),
-                            timeout_s=transfer.timeout_s,
-                            hold_timeout_s=transfer.hold_timeout_s)
-    register_agent(agent)
-    return agent
+        va.shutdown_engine(self.loop.engine)  # its rank processes (tensor parallelism) and connector
 
 
 class KVWorkerMixin:
-    """What every worker that moves KV exposes: export and release of held blocks."""
+    """What every worker that moves KV adds: the scheduler side of the KV connector (created before
+    the engine, found by vLLM's connector through its id) and the two calls peers make."""
 
-    def _make_agent(self):
-        return make_kv_agent(self.instance_id, self.transfer)
-
-    def kv_export(self, transfer_id: str) -> dict | None:
-        return self.agent.export(transfer_id)
+    def _make_kv(self) -> KVScheduler:
+        kv = KVScheduler(f"{self.instance_id}-{os.getpid()}", self.instance_id, timeout_s=self.transfer.timeout_s,
+                         hold_timeout_s=self.transfer.hold_timeout_s)
+        register_scheduler(kv)
+        return kv
 
     def kv_release(self, transfer_id: str) -> bool:
-        return self.agent.release(transfer_id)
+        """A peer has (or will never fetch) the blocks held under `transfer_id`."""
+        return self.kv.release(transfer_id)
 
-    def kv_export_shm(self, transfer_id: str) -> dict | None:
-        return self.agent.export_shm(transfer_id)
-
-    def kv_nccl_join(self, key: str, unique_id, signature) -> bool:
-        return self.agent.nccl_join(key, unique_id, signature)
-
-    def kv_nccl_send(self, key: str, transfer_id: str) -> bool:
-        return self.agent.nccl_send(key, transfer_id)
+    def kv_endpoints(self) -> list[RankEndpoint]:
+        """Where this engine's ranks serve their KV (one entry per tensor-parallel rank)."""
+        return list(self.kv.ranks)

@@ -14,20 +14,27 @@ from cluster.bench.studies import STUDIES, load_study
 from cluster.client import Client, status_to_dict
 from cluster.config import (
     KV_FAILURE_POLICIES,
+    KV_PUSH_MODES,
     KV_TRANSPORTS,
     POOL_RESOURCES,
+    PREFIX_ROUTING_POLICIES,
+    SPEC_BUDGETS,
+    DeploymentConfig,
     EngineConfig,
     MigrationConfig,
     PoolConfig,
+    PrefixRoutingConfig,
     RouterConfig,
     ServeConfig,
     SpecConfig,
     TransferConfig,
 )
+from cluster.entrypoints.autoscale_args import add_autoscaler_args, autoscaler_config_from_args
 from cluster.entrypoints.config_file import ConfigFileError, load_config_file
 from cluster.entrypoints.status_format import format_drain, format_migration, format_status_table
 from cluster.models.demo import build_demo_models, demo_draft, demo_target
 from cluster.models.random_weights import write_random_model
+from router.openai.chat import load_chat_template
 
 # The commands that serve or measure (up, demo, bench, bench-suite) import their modules when they
 # run: those pull in Ray, torch and vLLM, and `status` or `generate` should answer in milliseconds.
@@ -38,11 +45,14 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="model directory (default: the demo target model)")
     g.add_argument("--max-model-len", type=int, default=1024)
     g.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's)")
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-seqs", type=int, default=None, help="default: vLLM's (128 on CPU)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None)
     g.add_argument("--kv-cache-gib", type=float, default=0.5, help="CPU: KV cache per instance, GiB")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     g.add_argument("--dtype", default="auto")
+    g.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the model eagerly (--no-enforce-eager: vLLM compiles it with torch.compile, "
+                        "slower start-up)")
     g.add_argument("--seed", type=int, default=0)
 
 
@@ -60,6 +70,10 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
                    help="Ray custom resource the prefill nodes advertise")
     p.add_argument("--decode-resource", default=POOL_RESOURCES["decode"],
                    help="Ray custom resource the decode nodes advertise")
+    tp = p.add_argument_group("tensor parallelism (per pool; DistServe: each phase its own)")
+    tp.add_argument("--prefill-tp", type=int, default=1, metavar="N", help="ranks per prefill instance")
+    tp.add_argument("--decode-tp", type=int, default=1, metavar="M", help="ranks per decode instance")
+    tp.add_argument("--colocated-tp", type=int, default=1, metavar="K", help="ranks per colocated instance")
     sp = p.add_argument_group("speculative decoding (decode-side engines)")
     sp.add_argument("--spec-draft-model", default=None, metavar="DIR",
                     help="draft model directory ('demo' for the demo draft); off when unset")
@@ -71,27 +85,65 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
                     help="TETRIS draft selection (--no-tetris: plain window k)")
     sp.add_argument("--tetris-min-batch", type=int, default=2,
                     help="below this batch size every request verifies plain window k")
+    sp.add_argument("--spec-budget", choices=SPEC_BUDGETS, default="goodput",
+                    help="goodput: each step verifies 0..N*(k+e) drafts, whatever maximises predicted "
+                         "goodput (SmartSpec; 0 = no speculation that step); fixed: N*k every step")
     t = p.add_argument_group("KV transfer")
     t.add_argument("--kv-transport", choices=KV_TRANSPORTS, default="auto",
-                   help="auto: shared memory on one host, Ray's object store across hosts; "
+                   help="auto: shared memory between ranks on one host, a TCP stream across hosts; "
                         "nccl: CuPy NCCL between GPUs")
     t.add_argument("--kv-transfer-timeout", type=float, default=30.0, help="deadline of one transfer, s")
     t.add_argument("--kv-hold-timeout", type=float, default=60.0,
                    help="a prefill frees KV nobody fetched after this many s")
     t.add_argument("--kv-failure-policy", choices=KV_FAILURE_POLICIES, default="recompute",
                    help="on a failed or late transfer: decode prefills itself, or the request fails")
+    t.add_argument("--kv-push", choices=KV_PUSH_MODES, default="pull",
+                   help="pull: the decode instance fetches the KV once the prefill is done; layerwise: "
+                        "the decode instance is chosen at dispatch and the prefill pushes each layer's KV "
+                        "as it computes it (Splitwise)")
+    pr = p.add_argument_group("prefix reuse (prefill and colocated pools)")
+    pr.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                    help="vLLM's prefix cache on prefill and colocated engines (decode engines keep it off: "
+                         "live migration needs that); off with --kv-push layerwise, which pushes computed "
+                         "blocks only")
+    pr.add_argument("--prefix-routing", choices=PREFIX_ROUTING_POLICIES, default="prefix",
+                    help="prefix: the instance with the fewest queued + uncached prompt tokens (a cached "
+                         "prefix counts); load: fewest queued prompt tokens only")
+    pr.add_argument("--session-slack-tokens", type=int, default=PrefixRoutingConfig.session_slack_tokens,
+                    help="a conversation (session_id) stays on its instance while that costs at most this "
+                         "many prompt tokens more than the cheapest instance")
+    pr.add_argument("--colocated-request-cost-tokens", type=int,
+                    default=PrefixRoutingConfig.colocated_request_cost_tokens,
+                    help="prefix routing: what a request running on a colocated instance costs, in prompt tokens")
     _add_migration_args(p)
-    p.add_argument("--cpus-per-instance", type=float, default=1.0)
-    p.add_argument("--gpus-per-instance", type=float, default=0.0)
+    add_autoscaler_args(p)
+    p.add_argument("--cpus-per-instance", type=float, default=1.0,
+                   help="CPUs per rank: an instance asks Ray for this times its TP degree")
+    p.add_argument("--gpus-per-instance", type=float, default=0.0,
+                   help="GPUs per rank: an instance asks Ray for this times its TP degree")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus endpoint port")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+                        "/v1/models, /health, /metrics) on this port (0: a free one; default: off)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the HTTP API (default: the model path)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template (a file or the template text) for chat completions "
+                        "(default: the tokenizer's own)")
     p.add_argument("--default-max-tokens", type=int, default=256)
     p.add_argument("--max-prompt-tokens", type=int, default=0, help="0: the model's max length - 1")
     p.add_argument("--actor-timeout", type=float, default=30.0, help="deadline of each worker call, s")
+    p.add_argument("--stream-interval-ms", type=float, default=0.0,
+                   help="least time between two messages of one stream: tokens arriving meanwhile go out "
+                        "together (less front-end CPU per token, up to this much more inter-token latency)")
     p.add_argument("--max-in-flight", type=int, default=512,
                    help="admission control: requests in flight at once (past it RESOURCE_EXHAUSTED)")
     p.add_argument("--max-tokens-limit", type=int, default=0, help="largest max_tokens accepted (0: any)")
+    p.add_argument("--instance-wait", type=float, default=120.0, metavar="S",
+                   help="how long a request waits for an instance of the role it needs while every one "
+                        "is (re)starting, before it fails with UNAVAILABLE")
     p.add_argument("--max-replays", type=int, default=2,
                    help="times a request is replayed elsewhere after its instance died")
     p.add_argument("--respawn", action=argparse.BooleanOptionalAction, default=True,
@@ -103,7 +155,38 @@ def _add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auth-token", default=os.environ.get("DISAGG_AUTH_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' (default: $DISAGG_AUTH_TOKEN; off)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    _add_deployment_args(p)
     _add_engine_args(p)
+
+
+_DEPLOYMENT_DEFAULTS = DeploymentConfig()
+
+
+def _add_deployment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployment (engines and scheduler outlive `up` on a Ray cluster it did not start)")
+    g.add_argument("--name", default=_DEPLOYMENT_DEFAULTS.name,
+                   help="the deployment's name (its Ray namespace): `up --address` reattaches to a running "
+                        "deployment of this name, `down --name` stops it")
+    g.add_argument("--frontends", type=int, default=_DEPLOYMENT_DEFAULTS.frontends, metavar="K",
+                   help="front end processes on this node (gRPC + HTTP each); a fixed --port is shared "
+                        "(SO_REUSEPORT), HTTP and metrics ports count up from the given ones")
+    g.add_argument("--load-report-interval", type=float, default=_DEPLOYMENT_DEFAULTS.load_interval_s,
+                   metavar="S", help="how often the scheduler reads each engine's load and requests, s")
+    g.add_argument("--frontend-heartbeat", type=float, default=_DEPLOYMENT_DEFAULTS.heartbeat_s, metavar="S",
+                   help="how often a front end reports to the scheduler, s")
+    g.add_argument("--frontend-timeout", type=float, default=_DEPLOYMENT_DEFAULTS.frontend_timeout_s,
+                   metavar="S", help="a front end silent this long shows as gone in status, s")
+    g.add_argument("--scheduler-max-restarts", type=int, default=_DEPLOYMENT_DEFAULTS.scheduler_max_restarts,
+                   help="times Ray restarts the global scheduler after it dies (-1: always)")
+
+
+def deployment_config_from_args(args) -> DeploymentConfig:
+    try:
+        return DeploymentConfig(name=args.name, frontends=args.frontends, load_interval_s=args.load_report_interval,
+                                heartbeat_s=args.frontend_heartbeat, frontend_timeout_s=args.frontend_timeout,
+                                scheduler_max_restarts=args.scheduler_max_restarts)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
 
 
 _MIGRATION_DEFAULTS = MigrationConfig()
@@ -187,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_up_args(sub.add_parser("up", help="start serving (blocks until SIGINT/SIGTERM)"))
 
+    fe = sub.add_parser("frontend", help="one more front end (gRPC + HTTP) of a running deployment, on any "
+                                         "node of its Ray cluster (takes `up`'s options; the engines' are the "
+                                         "deployment's)")
+    _add_up_args(fe)
+    fe.add_argument("--frontend-id", default=None, help="its name in status (default: fe-HOST-PID)")
+    fe.add_argument("--reuse-port", action="store_true",
+                    help="share the gRPC port with other front ends on this node (SO_REUSEPORT)")
+
+    dn = sub.add_parser("down", help="stop a deployment for good (its engines and scheduler)")
+    dn.add_argument("--name", default=_DEPLOYMENT_DEFAULTS.name)
+    dn.add_argument("--address", default="auto", help="its Ray cluster (default: the local node's)")
+
     gen = sub.add_parser("generate", help="stream one completion's text to stdout")
     _add_client_args(gen)
     gen.add_argument("--max-tokens", type=int, default=None)
@@ -237,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     suite.add_argument("study", choices=sorted(STUDIES))
     suite.add_argument("study_args", nargs=argparse.REMAINDER, help="the study's options")
 
+    from cluster.planner.commands import add_plan_args, add_profile_args
+
+    add_profile_args(sub.add_parser("profile", help="measure this hardware's engine costs; writes a profile JSON"))
+    add_plan_args(sub.add_parser("plan", help="DistServe placement / Mélange GPU mix from a profile; writes a "
+                                              "serve config for `up --config`"))
+
     demo = sub.add_parser("demo", help="models + local cluster + streamed completions + summary")
     demo.add_argument("--colocated", type=int, default=0,
                       help="N colocated instances instead of the default 1 prefill + 1 decode")
@@ -257,17 +358,27 @@ def serve_config_from_args(args) -> ServeConfig:
         cpu_kv_cache_gib=args.kv_cache_gib,
         gpu_memory_utilization=args.gpu_memory_utilization,
         dtype=args.dtype,
+        enforce_eager=args.enforce_eager,
         seed=args.seed,
         orphan_timeout_s=args.orphan_timeout,
+        # Layer-wise push sends only the blocks a step computes: a prefix hit's blocks would never
+        # reach the decode instance, so the prefill must compute every prompt in full then.
+        enable_prefix_caching=args.prefix_caching and args.kv_push != "layerwise",
     )
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: TLS needs both --tls-cert and --tls-key")
+    try:
+        load_chat_template(args.chat_template)  # fail now, not after the engines have loaded
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
     router = RouterConfig(
-        host=args.host, port=args.port, metrics_port=args.metrics_port,
+        host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+        served_model_name=args.served_model_name, chat_template=args.chat_template,
         default_max_tokens=args.default_max_tokens, max_prompt_tokens=args.max_prompt_tokens,
         actor_call_timeout_s=args.actor_timeout, startup_timeout_s=args.startup_timeout,
+        stream_interval_s=max(0.0, args.stream_interval_ms) / 1000,
         max_tokens_limit=args.max_tokens_limit, max_in_flight=args.max_in_flight,
-        max_replays=args.max_replays, respawn_dead=args.respawn,
+        max_replays=args.max_replays, respawn_dead=args.respawn, instance_wait_s=args.instance_wait,
         tls_cert=args.tls_cert, tls_key=args.tls_key, auth_token=args.auth_token,
     )
     disaggregated = args.prefill > 0 or args.decode > 0
@@ -278,27 +389,58 @@ def serve_config_from_args(args) -> ServeConfig:
     colocated = args.colocated if args.colocated is not None else (0 if disaggregated else 1)
     cpus, gpus = args.cpus_per_instance, args.gpus_per_instance
     pools = tuple(pool for pool in (
-        PoolConfig("colocated", colocated, cpus, gpus),
-        PoolConfig("prefill", args.prefill, cpus, gpus, args.prefill_resource or None),
-        PoolConfig("decode", args.decode, cpus, gpus, args.decode_resource or None),
+        PoolConfig("colocated", colocated, cpus, gpus, tensor_parallel_size=args.colocated_tp),
+        PoolConfig("prefill", args.prefill, cpus, gpus, args.prefill_resource or None, args.prefill_tp),
+        PoolConfig("decode", args.decode, cpus, gpus, args.decode_resource or None, args.decode_tp),
     ) if pool.num_instances > 0)
     if not pools:
         raise SystemExit("error: no instances: give --colocated N or --prefill P --decode D")
     transfer = TransferConfig(transport=args.kv_transport, timeout_s=args.kv_transfer_timeout,
-                              hold_timeout_s=args.kv_hold_timeout, failure_policy=args.kv_failure_policy)
+                              hold_timeout_s=args.kv_hold_timeout, failure_policy=args.kv_failure_policy,
+                              push=args.kv_push)
     draft = args.spec_draft_model
     if draft == "demo":
         draft = demo_draft()
-    spec = SpecConfig(draft_model=draft, k=args.spec_k, extra=args.spec_extra, capacity=args.spec_capacity,
-                      tetris=args.tetris, min_batch_size=args.tetris_min_batch)
+    try:  # a --config value never went through argparse's choices
+        spec = SpecConfig(draft_model=draft, k=args.spec_k, extra=args.spec_extra, capacity=args.spec_capacity,
+                          tetris=args.tetris, min_batch_size=args.tetris_min_batch, budget=args.spec_budget)
+    except ValueError as exc:
+        raise SystemExit(f"error: spec: {exc}") from exc
+    try:
+        prefix_routing = PrefixRoutingConfig(
+            policy=args.prefix_routing, session_slack_tokens=args.session_slack_tokens,
+            colocated_request_cost_tokens=args.colocated_request_cost_tokens)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from exc
     return ServeConfig(engine=engine, router=router, pools=pools, transfer=transfer, spec=spec,
-                       migration=migration_config_from_args(args), address=args.address)
+                       prefix_routing=prefix_routing,
+                       migration=migration_config_from_args(args), address=args.address,
+                       autoscaler=autoscaler_config_from_args(args, pools),
+                       deployment=deployment_config_from_args(args))
 
 
 def cmd_up(args) -> int:
     from cluster.entrypoints.launcher import serve_until_signal
 
-    asyncio.run(serve_until_signal(serve_config_from_args(args)))
+    asyncio.run(serve_until_signal(serve_config_from_args(args), frontend_argv=getattr(args, "argv_rest", [])))
+    return 0
+
+
+def cmd_frontend(args) -> int:
+    from cluster.entrypoints.frontend_process import serve_frontend
+
+    args.model = args.model or "(the deployment's)"  # serving what runs: the model is the deployment's
+    config = serve_config_from_args(args)
+    asyncio.run(serve_frontend(config.replace(address=args.address or "auto"), frontend_id=args.frontend_id,
+                               reuse_port=args.reuse_port))
+    return 0
+
+
+def cmd_down(args) -> int:
+    from cluster.entrypoints.launcher import down
+
+    stopped = down(args.address, args.name)
+    print(f"deployment {args.name!r}: " + (f"stopped {', '.join(stopped)}" if stopped else "nothing was running"))
     return 0
 
 
@@ -386,24 +528,47 @@ def _parse_study_args(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**merged)
 
 
+def cmd_profile(args) -> int:
+    from cluster.planner.commands import run_profile_command
+
+    return run_profile_command(args)
+
+
+def cmd_plan(args) -> int:
+    from cluster.planner.commands import run_plan_command
+
+    code, written = run_plan_command(args)
+    if written is not None:
+        # The file is only useful if `up` takes it: parse it exactly as `up --config` would.
+        try:
+            serve_config_from_args(parse_args(["up", "--config", str(written)]))
+        except SystemExit as exc:
+            print(f"plan: the serve config {written} is not accepted by `up --config` on this build: {exc}",
+                  file=sys.stderr)
+            return 1
+        print(f"checked: `disagg-serve up --config {written}` accepts it")
+    return code
+
+
 def cmd_demo(args) -> int:
     from cluster.entrypoints.demo import run_demo
 
     return run_demo(colocated=args.colocated, port=args.port, speculative=args.spec)
 
 
-COMMANDS = {"up": cmd_up, "generate": cmd_generate, "status": cmd_status, "migrate": cmd_migrate,
+COMMANDS = {"up": cmd_up, "frontend": cmd_frontend, "down": cmd_down, "generate": cmd_generate,
+            "status": cmd_status, "migrate": cmd_migrate,
             "drain": cmd_drain, "models": cmd_models,
             "random-model": cmd_random_model, "bench": cmd_bench, "bench-suite": cmd_bench_suite,
-            "demo": cmd_demo}
+            "demo": cmd_demo, "profile": cmd_profile, "plan": cmd_plan}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line; for `up`, a --config file supplies defaults that flags override."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "up" and args.config:
-        up = _subparser(parser, "up")
+    if args.command in ("up", "frontend") and args.config:
+        up = _subparser(parser, args.command)
         valid = {a.dest for a in up._actions if a.dest not in ("help", "config")}
         try:
             up.set_defaults(**load_config_file(args.config, valid))
@@ -412,6 +577,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args = parser.parse_args(argv)
     if args.command == "bench-suite":
         args = _parse_study_args(args)
+    if args.command == "up":  # what more front ends of this `up` are started with
+        raw = list(sys.argv[1:] if argv is None else argv)
+        args.argv_rest = raw[raw.index("up") + 1:] if "up" in raw else []
     return args
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 SECTIONS = {"pools", "engine", "kv", "router", "cluster", "spec", "speculative", "scheduler",
-            "migration"}
+            "migration", "autoscaler", "deployment", "frontend", "prefix"}
 
 
 class ConfigFileError(ValueError):

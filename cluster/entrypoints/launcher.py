@@ -1,61 +1,70 @@
-"""Starts a serving cluster: Ray, the worker pools, the router and its gRPC and metrics ports.
+"""Starts serving: Ray, the deployment (its global scheduler and engines: new, or the running
+ones of the same name), and its front ends with their gRPC, HTTP and metrics ports.
 
-It wires every room together (it sits above the router and the role workers), so it is the
-one place that maps a pool's role to its worker class.
+`up` without `--address` starts a local Ray instance and stops everything when it exits, as
+before. With `--address` the deployment's actors are detached: `up` exiting (or dying) stops
+only its front ends; the next `up` reattaches to the running engines (cluster/entrypoints/
+deployment.py), and `disagg-serve down` stops the deployment for good.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import signal
+import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
-from cluster.config import EngineConfig, PoolConfig, ServeConfig, SpecConfig, TransferConfig
-from cluster.engine.worker import ACTOR_CONCURRENCY
-from cluster.models.tokenizer import load_serving_tokenizer
-from cluster.protocol import InstanceInfo
-from decode_worker.colocated import ColocatedWorker
-from decode_worker.worker import DecodeWorker
-from prefill_worker.worker import PrefillWorker
-from router.instances import Instance
-from router.metrics import RouterMetrics
-from router.router import Router
-from router.server import DisaggServeServicer, start_grpc_server
-from router.validation import Limits
+from cluster.config import PoolConfig, ServeConfig
+from cluster.engine.parallelism import ParallelismError, check_pools
+from cluster.entrypoints import deployment as dep
+from cluster.entrypoints.frontend_process import (
+    RunningFrontEnd,
+    load_tokenizer,
+    new_frontend_id,
+    say,
+    start_frontend,
+)
 
 log = logging.getLogger(__name__)
-
-
-def _say(message: str) -> None:
-    print(f"[disagg-serve] {message}", file=sys.stderr, flush=True)
 
 
 def init_ray(config: ServeConfig) -> None:
     if ray.is_initialized():
         return
+    namespace = config.deployment.name
     if config.address:
-        ray.init(address=config.address, log_to_driver=config.worker_logs_to_driver)
+        ray.init(address=config.address, namespace=namespace, log_to_driver=config.worker_logs_to_driver)
         check_pool_resources(config)
         return
-    needed = sum(p.num_cpus * p.num_instances for p in config.pools)
-    # A local Ray instance is one node serving every pool: it advertises all pool resources.
-    resources = {p.resource: p.num_instances for p in config.pools if p.resource and p.num_instances}
+    needed = sum(p.cpus_per_instance * _local_instances(config, p) for p in config.pools)
+    # A local Ray instance is one node serving every pool: it advertises all pool resources, up
+    # to each pool's autoscaling maximum so a scale-out finds room.
+    resources = {p.resource: _local_instances(config, p) for p in config.pools
+                 if p.resource and _local_instances(config, p)}
     for attempt in (1, 2, 3):
         try:
             ray.init(num_cpus=config.local_num_cpus or max(2, needed), resources=resources,
-                     include_dashboard=False, log_to_driver=config.worker_logs_to_driver)
+                     include_dashboard=False, log_to_driver=config.worker_logs_to_driver, namespace=namespace)
             return
         except Exception as exc:  # e.g. "node timed out during startup" on a loaded machine
             if attempt == 3:
                 raise
-            _say(f"starting Ray failed ({exc}); retrying")
+            say(f"starting Ray failed ({exc}); retrying")
             ray.shutdown()
             time.sleep(2.0 * attempt)
+
+
+def _local_instances(config: ServeConfig, pool: PoolConfig) -> int:
+    """How many instances of `pool` a local node must have room for."""
+    bounds = config.autoscaler.bounds_for(pool.role) if config.autoscaler.enabled else None
+    return max(pool.num_instances, bounds.max_instances if bounds else 0)
 
 
 def check_pool_resources(config: ServeConfig) -> None:
@@ -72,117 +81,164 @@ def check_pool_resources(config: ServeConfig) -> None:
                 f"ray start --resources='{{\"{pool.resource}\": N}}'")
 
 
-WORKER_CLASSES = {"colocated": ColocatedWorker, "prefill": PrefillWorker, "decode": DecodeWorker}
-
-
-def spawn_worker(config: EngineConfig, pool: PoolConfig, instance_id: str, transfer: TransferConfig,
-                 spec: SpecConfig | None = None):
-    """Start one worker actor of `pool` (returns its handle at once; call info() to wait)."""
-    resources = {pool.resource: 1} if pool.resource else None
-    actor_cls = ray.remote(WORKER_CLASSES[pool.role])
-    return actor_cls.options(
-        num_cpus=pool.num_cpus,
-        num_gpus=pool.num_gpus,
-        resources=resources,
-        max_concurrency=ACTOR_CONCURRENCY,
-    ).remote(config, instance_id, transfer, spec)
-
-
 @dataclass
 class RunningCluster:
+    """A deployment served by one front end in this process (`up`, the demo, the studies)."""
+
     config: ServeConfig
-    router: object
-    server: object
-    port: int
-    actors: list
-    metrics_server: object | None = None
+    scheduler: object  # the global scheduler's actor handle
+    running: RunningFrontEnd
+    attached: bool  # the deployment was running already (reattached, engines kept)
+    owns_deployment: bool  # stop() stops the engines too (a local `up`, a study)
+    started_s: float = 0.0  # from start_cluster's call to serving
+    children: list = field(default_factory=list)  # more front ends, as processes
+
+    @property
+    def frontend(self):
+        return self.running.frontend
+
+    @property
+    def port(self) -> int:
+        return self.running.port
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        await self.server.stop(grace_s)
-        await self.router.stop()
-        for actor in self.router.actors():
-            try:
-                ray.get(actor.shutdown.remote(), timeout=10)
-            except ray.exceptions.RayError as exc:  # dead or hung: killing it below is enough
-                log.debug("clean shutdown of an engine failed: %s", exc)
-            ray.kill(actor)
-        if self.metrics_server is not None:
-            self.metrics_server[0].shutdown()
+        stop_children(self.children)
+        await self.running.stop(grace_s)
+        if self.owns_deployment:
+            stopped = await asyncio.to_thread(dep.shutdown, self.config.deployment.name)
+            log.info("stopped %s", ", ".join(stopped))
 
 
-async def start_cluster(config: ServeConfig) -> RunningCluster:
-    """Spawn every pool's actors, wait for their engines, start the router. Call in an event loop."""
-    init_ray(config)
-    actors, ids = [], []
-    for pool in config.pools:
-        for index in range(pool.num_instances):
-            instance_id = f"{pool.role}-{index}"
-            actors.append(spawn_worker(config.engine, pool, instance_id, config.transfer, config.spec))
-            ids.append(instance_id)
-    _say(f"starting {len(actors)} engine instance(s): {', '.join(ids)}")
+async def start_cluster(config: ServeConfig, owns_deployment: bool | None = None) -> RunningCluster:
+    """Starts (or reattaches to) the deployment, waits for its engines, starts a front end.
+    `owns_deployment` (default: no --address) makes stop() stop the engines. Call in an event loop."""
     started = time.monotonic()
-    futures = {asyncio.wrap_future(actor.info.remote().future()): i for i, actor in enumerate(actors)}
-    infos: dict[int, InstanceInfo] = {}
-    pending = set(futures)
-    deadline = started + config.router.startup_timeout_s
-    while pending:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            for actor in actors:
-                ray.kill(actor)
-            raise TimeoutError(f"engine instances not ready after {config.router.startup_timeout_s:.0f}s")
-        done, pending = await asyncio.wait(pending, timeout=min(left, 5.0),
-                                           return_when=asyncio.FIRST_COMPLETED)
-        for fut in done:
-            info = fut.result()  # raises the actor's start-up error, if any
-            infos[futures[fut]] = info
-            _say(f"  {info.instance_id} ready on node {info.node_id[:8]} "
-                 f"({info.num_total_blocks} KV blocks of {info.block_size} tokens) "
-                 f"after {time.monotonic() - started:.1f}s")
-        if not done:
-            _say(f"  waiting for {len(pending)} instance(s)... {time.monotonic() - started:.0f}s")
-    instances = [Instance(info=infos[i], actor=actor) for i, actor in enumerate(actors)]
-    first = instances[0].info
-    metrics = RouterMetrics()
-    pools = {p.role: p for p in config.pools}
+    check_pools(config)  # a TP degree that cannot fit the model fails here, before anything starts
+    # The tokenizer loads (transformers' import takes seconds) while Ray connects and engines start.
+    tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, config))
+    init_ray(config)
+    scheduler, attached = await asyncio.to_thread(dep.create_or_attach, config)
+    name = config.deployment.name
+    if attached:
+        say(f"reattaching to deployment {name!r}")
+    else:
+        n = sum(p.num_instances for p in config.pools)
+        say(f"deployment {name!r}: starting the scheduler and {n} engine instance(s)")
+    await asyncio.to_thread(dep.wait_until_ready, scheduler, config.router.startup_timeout_s, say)
+    owns = owns_deployment if owns_deployment is not None else config.address is None
+    try:
+        await asyncio.to_thread(dep.check_kv_layouts, name)
+    except ParallelismError:
+        if owns and not attached:
+            await asyncio.to_thread(dep.shutdown, name)
+        raise
+    running = await start_frontend(config, scheduler, frontend_id=new_frontend_id(),
+                                   reuse_port=config.deployment.frontends > 1 and config.router.port != 0,
+                                   tokenizer=await tokenizer)
+    return RunningCluster(config, scheduler, running, attached, owns, time.monotonic() - started)
 
-    def respawn(info: InstanceInfo):
-        return spawn_worker(config.engine, pools[info.role], info.instance_id, config.transfer, config.spec)
 
-    router = Router(config.router, instances, load_serving_tokenizer(config.engine.tokenizer or config.engine.model),
-                    metrics, respawn=respawn, migration=config.migration)
-    router.start()
-    max_prompt = config.router.max_prompt_tokens or first.max_model_len - 1
-    limits = Limits(
-        max_model_len=first.max_model_len,
-        vocab_size=first.vocab_size,
-        default_max_tokens=config.router.default_max_tokens,
-        max_prompt_tokens=min(max_prompt, first.max_model_len - 1),
-        max_tokens_limit=config.router.max_tokens_limit,
-    )
-    servicer = DisaggServeServicer(router, config.engine.model, limits, first.block_size,
-                                   first.eos_token_ids, first.bos_token_id)
+def start_more_frontends(config: ServeConfig, argv: list[str], count: int) -> list:
+    """`count` more front ends as `disagg-serve frontend` processes on this node, sharing the
+    gRPC port (SO_REUSEPORT) when it is fixed, each on its own when it is 0; their HTTP and
+    metrics ports follow the given ones. They die with this process. Returns
+    [(frontend id, process, port)] once each serves."""
+    address = ray.get_runtime_context().gcs_address
     rc = config.router
-    tls = (rc.tls_cert, rc.tls_key) if rc.tls_cert else None
-    server, port = await start_grpc_server(servicer, rc.host, rc.port, max_concurrent_rpcs=rc.max_in_flight + 64,
-                                           tls=tls, auth_token=rc.auth_token)
-    metrics_server = None
-    if config.router.metrics_port is not None:
-        metrics_server = metrics.serve(config.router.metrics_port)
-        _say(f"Prometheus metrics on :{metrics_server[0].server_port}/metrics")
-    _say(f"serving gRPC on {config.router.host}:{port}")
-    return RunningCluster(config, router, server, port, actors, metrics_server)
+    children = []
+    for i in range(1, count + 1):
+        fid = f"{new_frontend_id()}-{i}"
+        extra = ["--address", address, "--name", config.deployment.name, "--frontend-id", fid]
+        if rc.port != 0:
+            extra += ["--reuse-port"]
+        # Port 0: every front end picks its own ports; fixed ports: the next ones up.
+        if rc.metrics_port is not None:
+            extra += ["--metrics-port", str(rc.metrics_port + i if rc.port and rc.metrics_port else 0)]
+        if rc.http_port is not None:
+            extra += ["--http-port", str(rc.http_port + i if rc.port and rc.http_port else 0)]
+        cmd = [sys.executable, "-m", "cluster.entrypoints.cli", "frontend", *argv, *extra]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+        children.append((fid, proc))
+    out = []
+    for fid, proc in children:
+        port = _wait_ready_line(proc, rc.startup_timeout_s)
+        if port is None:
+            stop_children([(f, p, 0) for f, p in children])
+            raise RuntimeError(f"front end {fid} did not start (exit code {proc.poll()})")
+        out.append((fid, proc, port))
+    return out
 
 
-async def serve_until_signal(config: ServeConfig) -> None:
-    cluster = await start_cluster(config)
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the parent dies (Linux), so a killed `up` leaves no front end."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _wait_ready_line(proc, timeout_s: float) -> int | None:
+    found: list[int] = []
+
+    def read():
+        for line in proc.stdout:
+            if line.startswith("READY "):
+                found.append(int(line.split()[1]))
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    return found[0] if found else None
+
+
+def stop_children(children: list, timeout_s: float = 30.0) -> None:
+    for _, proc, _ in children:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for _, proc, _ in children:
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+async def serve_until_signal(config: ServeConfig, frontend_argv: list[str] | None = None) -> None:
+    """`disagg-serve up`: prints `READY <port>` (and `FRONTEND <id> <port> <pid>` per front end)
+    once everything serves; SIGINT/SIGTERM stops the front ends, and the deployment too when
+    this process started the Ray instance."""
+    try:
+        cluster = await start_cluster(config)
+    except (dep.DeploymentMismatch, ParallelismError) as exc:
+        say(f"error: {exc}")
+        raise SystemExit(2) from exc
+    if config.deployment.frontends > 1:
+        cluster.children = await asyncio.to_thread(
+            start_more_frontends, config, frontend_argv or [], config.deployment.frontends - 1)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    print(f"FRONTEND {cluster.frontend.frontend_id} {cluster.port} {cluster.frontend.info['pid']}", flush=True)
+    for fid, proc, port in cluster.children:
+        print(f"FRONTEND {fid} {port} {proc.pid}", flush=True)
+    say(f"deployment {config.deployment.name!r} serving ({'reattached' if cluster.attached else 'started'} "
+        f"in {cluster.started_s:.1f}s)")
     print(f"READY {cluster.port}", flush=True)
     await stop.wait()
-    _say("shutting down")
+    say("shutting down")
     await cluster.stop()
+    if not cluster.owns_deployment:
+        say(f"deployment {config.deployment.name!r} keeps running; `disagg-serve down --name "
+            f"{config.deployment.name} --address ...` stops it")
     ray.shutdown()
-    _say("stopped")
+    say("stopped")
+
+
+def down(address: str, name: str) -> list[str]:
+    """`disagg-serve down`: stops the deployment `name` on the Ray cluster at `address`."""
+    ray.init(address=address, namespace=name, log_to_driver=False)
+    try:
+        return dep.shutdown(name)
+    finally:
+        ray.shutdown()

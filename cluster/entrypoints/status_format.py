@@ -5,12 +5,14 @@ from __future__ import annotations
 
 
 def format_status_table(status: dict) -> str:
-    rows = [("INSTANCE", "ROLE", "STATE", "KV USED", "FREE/TOTAL BLOCKS", "RUNNING", "WAITING",
+    rows = [("INSTANCE", "ROLE", "TP", "PIDS", "STATE", "KV USED", "FREE/TOTAL BLOCKS", "RUNNING", "WAITING",
              "QUEUED PROMPT", "SERVED", "KV IN/OUT MB", "SPEC ACCEPT")]
     for inst in status.get("instances", []):
         load = inst.get("load", {})
         total, free = int(load.get("num_total_blocks", 0)), int(load.get("num_free_blocks", 0))
-        rows.append((inst["instance_id"], inst["role"], inst["state"], f"{100 * load.get('kv_usage', 0):.1f}%",
+        pids = ",".join(str(int(p)) for p in inst.get("rank_pids") or [inst.get("pid", 0)])
+        rows.append((inst["instance_id"], inst["role"], str(int(inst.get("tensor_parallel_size", 0)) or 1), pids,
+                     inst["state"], f"{100 * load.get('kv_usage', 0):.1f}%",
                      f"{free}/{total}", str(load.get("num_running", 0)), str(load.get("num_waiting", 0)),
                      str(load.get("queued_prompt_tokens", 0)), str(inst.get("requests_served", 0)),
                      _kv_cell(inst.get("kv_transfer")), _spec_cell(inst.get("spec_decode"))))
@@ -18,9 +20,53 @@ def format_status_table(status: dict) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.append(f"model: {status.get('model')}  in flight: {status.get('requests_in_flight', 0)}  "
                  f"total: {status.get('requests_total', 0)}  uptime: {float(status.get('uptime_s', 0)):.0f}s")
+    lines.extend(format_spec_lines(status))
+    lines.extend(format_prefix_lines(status))
     if "migrations" in status:  # servers before live migration leave it out
         lines.extend(format_migration_lines(status["migrations"]))
+    lines.extend(format_frontend_lines(status))
     return "\n".join(lines)
+
+
+def format_frontend_lines(status: dict) -> list[str]:
+    """The deployment, its global scheduler and every front end (servers before the
+    front-end / scheduler split leave them out)."""
+    lines = []
+    sched = status.get("scheduler")
+    if sched:
+        state = sched.get("state") or "serving"
+        lines.append(f"deployment {status.get('deployment', '?')}: scheduler {state}, up "
+                     f"{float(sched.get('uptime_s', 0)):.0f}s, {int(sched.get('restarts', 0))} restart(s)")
+    frontends = status.get("frontends") or []
+    if frontends:
+        rows = [("FRONT END", "ADDRESS", "PID", "STATE", "IN FLIGHT", "TOTAL", "UPTIME")]
+        for f in frontends:
+            me = " *" if f.get("frontend_id") == status.get("frontend_id") else ""
+            rows.append((f["frontend_id"] + me, f.get("address", ""), str(f.get("pid", 0)), f.get("state", ""),
+                         str(f.get("requests_in_flight", 0)), str(f.get("requests_total", 0)),
+                         f"{float(f.get('uptime_s', 0)):.0f}s"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines.extend("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+    return lines
+
+
+def format_prefix_lines(status: dict) -> list[str]:
+    """Prefix reuse: each caching instance's hit rate, then the scheduler's routing decisions."""
+    lines = []
+    for inst in status.get("instances", []):
+        cache = inst.get("prefix_cache")
+        if not cache or not int(cache.get("query_tokens", 0)):
+            continue
+        lines.append(f"prefix cache {inst['instance_id']}: {100 * float(cache.get('hit_rate', 0)):.1f}% of "
+                     f"{int(cache['query_tokens'])} prompt tokens served from the device cache, "
+                     f"{int(cache.get('cached_blocks', 0))} blocks cached")
+    routing = status.get("routing") or {}
+    decisions = routing.get("decisions") or {}
+    if decisions:
+        counts = ", ".join(f"{k} {int(v)}" for k, v in sorted(decisions.items()))
+        lines.append(f"routing ({routing.get('policy') or '?'}): {counts}; "
+                     f"{int(routing.get('sessions', 0))} session(s)")
+    return lines
 
 
 def _ms(seconds) -> str:
@@ -68,6 +114,30 @@ def _kv_cell(kv: dict | None) -> str:
     if not kv:
         return "-"
     return f"{int(kv.get('bytes_received', 0)) / 1e6:.1f}/{int(kv.get('bytes_sent', 0)) / 1e6:.1f}"
+
+
+def format_spec_lines(status: dict) -> list[str]:
+    """One line per speculating instance: SmartSpec's budget choices, calibration, step-time model."""
+    lines = []
+    for inst in status.get("instances", []):
+        spec = inst.get("spec_decode")
+        steps = int((spec or {}).get("steps", 0))
+        if not steps:
+            continue
+        no_spec = int(spec.get("steps_without_speculation", 0))
+        line = (f"speculation {inst['instance_id']}: budget {spec.get('budget_mode') or 'fixed'}, "
+                f"{100 * no_spec / steps:.0f}% of steps without speculation, "
+                f"mean budget {int(spec.get('budget_sum', 0)) / steps:.1f} drafts/step, "
+                f"draft skipped {int(spec.get('draft_skipped_steps', 0))} steps, "
+                f"{int(spec.get('explorations', 0))} explorations")
+        if int(spec.get("calibration_observations", 0)):
+            line += (f"; acceptance Brier raw {float(spec.get('calibration_brier_raw', 0)):.3f} -> calibrated "
+                     f"{float(spec.get('calibration_brier_calibrated', 0)):.3f}")
+        if int(spec.get("step_time_samples", 0)):
+            line += (f"; step time predicted {float(spec.get('step_time_predicted_mean_ms', 0)):.2f} ms vs "
+                     f"measured {float(spec.get('step_time_measured_mean_ms', 0)):.2f} ms")
+        lines.append(line)
+    return lines
 
 
 def _spec_cell(spec: dict | None) -> str:

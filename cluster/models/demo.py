@@ -22,7 +22,7 @@ from cluster.models.cache import cached_build, default_models_dir, is_complete, 
 from cluster.models.checkpoint import progress_bars, save_model
 from cluster.models.corpus import split_corpus
 from cluster.models.recipe import DemoRecipe, recipe_hash
-from cluster.models.tokenizer import BOS, EOS, PAD, build_tokenizer, load_tokenizer_file
+from cluster.models.tokenizer import BOS, EOS, PAD, build_tokenizer, ensure_chat_template, load_tokenizer_file
 
 # --------------------------------------------------------------------------- data
 
@@ -332,7 +332,10 @@ def build_demo_models(
     name = f"demo-{recipe_hash(recipe)}"
     if not is_complete(root / name):
         log(f"building {root / name} (a few minutes, once per machine)")
-    return cached_build(root, name, lambda tmp: _build_demo(tmp, recipe, root, progress))
+    built = cached_build(root, name, lambda tmp: _build_demo(tmp, recipe, root, progress))
+    for model in ("target", "draft"):  # caches built before the demo chat template existed
+        ensure_chat_template(built / model)
+    return built
 
 
 def demo_target() -> str:

@@ -9,6 +9,7 @@ importing this module (the CLI, the router) stays cheap.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +21,13 @@ from cluster.models.recipe import DemoRecipe, tokenizer_hash
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (BOS, EOS, PAD)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# The demo models' chat template (tokenizer_config.json `chat_template`): the models know
+# Python, so a conversation is written as Python comments and the reply continues as code.
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "# {{ message['role'] }}: {{ message['content'] | replace('\n', '\n# ') }}\n"
+    "{% endfor %}{% if add_generation_prompt %}# assistant:\n{% endif %}"
+)
 
 
 def load_serving_tokenizer(model: str | Path):
@@ -75,6 +83,7 @@ def _save_tokenizer(tok, out: Path, recipe: DemoRecipe) -> None:
     config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["chat_template"] = DEMO_CHAT_TEMPLATE
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     # Newer transformers no longer write this file; older loaders still look for it.
     special_map = out / "special_tokens_map.json"
@@ -103,6 +112,22 @@ def build_tokenizer(
         )
 
     return cached_build(root, f"tokenizer-{tokenizer_hash(recipe)}", build)
+
+
+def ensure_chat_template(model_dir: Path) -> None:
+    """Gives a demo tokenizer built before the template existed its chat template, in place.
+
+    The template changes no token and no weight, so the build caches keep their hashes; the
+    file is replaced atomically, so a concurrent reader sees the old or the new one whole."""
+    config_path = Path(model_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("chat_template") == DEMO_CHAT_TEMPLATE:
+        return
+    config["chat_template"] = DEMO_CHAT_TEMPLATE
+    tmp = config_path.with_name(f".{config_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    tmp.chmod(0o644)
+    os.replace(tmp, config_path)
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:

@@ -315,11 +315,11 @@ def replace_option(argv: list[str], name: str, value: str) -> list[str]:
 
 
 def parse_serve_command(argv: list[str], local_config: Path):
-    """(args, ServeConfig) of `disagg-serve up ...` with its --config read from `local_config`,
-    through the project's own parser."""
+    """(args, ServeConfig) of `disagg-serve up ...` (or `disagg-serve frontend ...`) with its
+    --config read from `local_config`, through the project's own parser."""
     from cluster.entrypoints.cli import parse_args, serve_config_from_args
 
-    assert is_disagg_serve(argv[0]) and argv[1] == "up", argv
+    assert is_disagg_serve(argv[0]) and argv[1] in ("up", "frontend"), argv
     rest = replace_option(argv[1:], "--config", str(local_config))
     args = parse_args(rest)
     return args, serve_config_from_args(args)
@@ -347,13 +347,16 @@ def pool_fit_problems(config, node_types: dict[str, dict], head_type: str | None
         for name, t in serving.items():
             res = t["resources"]
             per_node = int(res[pool.resource])
-            if pool.num_cpus:
-                per_node = min(per_node, int(res.get("CPU", 0) // pool.num_cpus))
-            if pool.num_gpus:
-                per_node = min(per_node, int(res.get("GPU", 0) // pool.num_gpus))
+            # An instance of TP degree t asks for t times the per-rank CPUs and GPUs.
+            cpus, gpus = pool.cpus_per_instance, pool.gpus_per_instance
+            if cpus:
+                per_node = min(per_node, int(res.get("CPU", 0) // cpus))
+            if gpus:
+                per_node = min(per_node, int(res.get("GPU", 0) // gpus))
             if per_node < 1:
                 problems.append(f"node type {name} advertises {pool.resource} but cannot hold one "
-                                f"{pool.role} instance ({pool.num_cpus} CPU, {pool.num_gpus} GPU): {res}")
+                                f"{pool.role} instance (TP{pool.tensor_parallel_size}: {cpus:g} CPU, {gpus:g} GPU): "
+                                f"{res}")
             lo, hi = t.get("min_workers", 0), t.get("max_workers", 0)
             if hi < lo:
                 problems.append(f"node type {name}: max_workers {hi} < min_workers {lo}")

@@ -4,6 +4,7 @@ semantic rules, the serving command on the head, and the pools against the worke
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import kubernetes_validate
@@ -103,6 +104,25 @@ def head_serving(doc: dict):
                            doc["spec"]["headGroupSpec"]["template"]["spec"])
     args, config = parse_serve_command(argv, local)
     return argv, local, args, config
+
+
+def frontend_group(doc: dict) -> dict:
+    (group,) = [g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] == "frontend"]
+    return group
+
+
+def frontend_container(doc: dict) -> dict:
+    return frontend_group(doc)["template"]["spec"]["containers"][0]
+
+
+def frontend_serving(doc: dict):
+    container = frontend_container(doc)
+    script = "\n".join([" ".join(container.get("command", [])), *container.get("args", [])])
+    (argv,) = serve_commands(script)
+    local = local_file_for(support.option_value(argv, "--config"), container,
+                           frontend_group(doc)["template"]["spec"])
+    args, config = parse_serve_command(argv, local)
+    return argv, local, args, config, script
 
 
 # --- schemas -----------------------------------------------------------------------------
@@ -265,8 +285,17 @@ def test_head_starts_ray_then_waits_for_the_pools():
     assert startup["periodSeconds"] * startup["failureThreshold"] >= opts.timeout
 
 
-def test_workers_run_no_router():
+def test_head_restarts_up_without_restarting_ray():
+    """`up` dying must not take the Ray head down (that would kill the detached engines): the
+    container waits on Ray only and runs `up` in a restart loop; a restarted `up` reattaches."""
+    script = head_script(raycluster())
+    assert "while true" in script and "wait $ray_pid" in script and "wait -n" not in script
+
+
+def test_engine_workers_run_no_front_end():
     for group in raycluster()["spec"]["workerGroupSpecs"]:
+        if group["groupName"] == "frontend":
+            continue
         for container in group["template"]["spec"]["containers"]:
             text = " ".join(container.get("command", []) + container.get("args", []))
             assert not serve_commands(text), f"worker group {group['groupName']} runs disagg-serve"
@@ -274,12 +303,34 @@ def test_workers_run_no_router():
         assert "ray.io/overwrite-container-cmd" not in annotations
 
 
-def test_probes_use_the_grpc_health_service():
+def test_frontend_group_runs_front_ends_of_the_same_deployment():
+    doc = raycluster()
+    group = frontend_group(doc)
+    argv, local, args, config, script = frontend_serving(doc)
+    _, _, _, head_config = head_serving(doc)
+    assert local == SERVE_CONFIG.resolve(), "front ends read deploy/config/serve.yaml too (via the ConfigMap)"
+    assert args.command == "frontend" and args.address == "auto"
+    assert [a for a in argv[2:] if a.startswith("--")] == ["--config", "--address"]
+    assert config.deployment.name == head_config.deployment.name
+    # A Ray node (it reaches the scheduler and the engines) that nothing is scheduled on.
+    assert group["template"]["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    assert "$KUBERAY_GEN_RAY_START_CMD" in script and "while true" in script
+    assert group["rayStartParams"].get("num-cpus") == "0" and not group.get("resources")
+    assert "nvidia.com/gpu" not in frontend_container(doc)["resources"]["limits"]
+    assert 1 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+@pytest.mark.parametrize("which", ["head", "frontend"])
+def test_probes_use_the_grpc_health_service(which):
     from router.server import SERVICE_NAME
 
     doc = raycluster()
-    _, _, _, config = head_serving(doc)
-    container = head_container(doc)
+    if which == "head":
+        _, _, _, config = head_serving(doc)
+        container = head_container(doc)
+    else:
+        _, _, _, config, _ = frontend_serving(doc)
+        container = frontend_container(doc)
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container[kind]
         assert set(probe) & {"grpc", "exec", "httpGet", "tcpSocket"} == {"grpc"}, kind
@@ -288,17 +339,27 @@ def test_probes_use_the_grpc_health_service():
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE_NAME
 
 
-def test_service_exposes_the_router_of_the_head():
+def test_service_exposes_the_front_ends():
     doc = raycluster()
-    _, _, _, config = head_serving(doc)
+    _, _, _, config, _ = frontend_serving(doc)
     services = [d for _, d in kuberay_docs() if d["kind"] == "Service"]
     assert len(services) == 1
     svc = services[0]
-    assert svc["spec"]["selector"] == {"ray.io/cluster": doc["metadata"]["name"], "ray.io/node-type": "head"}
-    ports = {p["name"]: p["containerPort"] for p in head_container(doc)["ports"]}
+    selector = svc["spec"]["selector"]
+    pod_labels = frontend_group(doc)["template"]["metadata"]["labels"]
+    assert selector == {"ray.io/cluster": doc["metadata"]["name"],
+                        "app.kubernetes.io/component": pod_labels["app.kubernetes.io/component"]}
+    # Only front-end pods match: not the head, not an engine pod.
+    others = [doc["spec"]["headGroupSpec"],
+              *[g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] != "frontend"]]
+    for group in others:
+        labels = group["template"]["metadata"]["labels"]
+        assert labels.get("app.kubernetes.io/component") != pod_labels["app.kubernetes.io/component"]
+    ports = {p["name"]: p["containerPort"] for p in frontend_container(doc)["ports"]}
     exposed = {p["name"]: ports[p["targetPort"]] for p in svc["spec"]["ports"]}
     assert exposed["grpc"] == config.router.port
     assert exposed["metrics"] == config.router.metrics_port
+    assert exposed["http"] == config.router.http_port
     assert next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")["appProtocol"] == "grpc"
 
 
@@ -326,6 +387,25 @@ def test_autoscaler_sees_each_pool_on_its_own_group():
         assert t["resources"].get("GPU", 0) >= 1, f"{group} has no GPU"
         # Sane bounds: room to grow, but a ceiling.
         assert 1 <= t["min_workers"] < t["max_workers"] <= 32
+
+
+def test_pool_fit_follows_the_tensor_parallel_degree():
+    """A pool's instances need TP x the per-rank GPUs: the shipped groups (one GPU per pod) fit
+    the shipped TP1 pools, and the check refuses a decode pool of TP2 on them."""
+    from ray.autoscaler._private.kuberay.autoscaling_config import (
+        _derive_autoscaling_config_from_ray_cr,
+    )
+
+    doc = raycluster()
+    _, _, _, config = head_serving(doc)
+    assert all(p.tensor_parallel_size == 1 for p in config.pools)
+    cr = copy.deepcopy(doc)
+    cr["metadata"].setdefault("namespace", "default")
+    derived = _derive_autoscaling_config_from_ray_cr(cr)
+    wider = dataclasses.replace(config, pools=tuple(
+        dataclasses.replace(p, tensor_parallel_size=2) if p.role == "decode" else p for p in config.pools))
+    problems = support.pool_fit_problems(wider, derived["available_node_types"], derived["head_node_type"])
+    assert any("cannot hold one decode instance (TP2" in p for p in problems), problems
 
 
 def test_ray_version_and_image_agree():

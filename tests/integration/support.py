@@ -29,18 +29,25 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`disagg-serve up ...` in a child process; ready once it prints `READY <port>`."""
+    """`disagg-serve up ...` in a child process; ready once it prints `READY <port>`. Every
+    front end it runs is in `frontends`: (front end id, gRPC port, pid), from its
+    `FRONTEND ...` lines; `ready_s` is how long it took to serve."""
 
-    def __init__(self, args: list[str], startup_timeout_s: float = 300.0):
+    def __init__(self, args: list[str], startup_timeout_s: float = 300.0, env: dict | None = None):
         self.metrics_port = free_port()
+        self.http_port = free_port()  # the OpenAI-compatible API, on every test server
         cmd = [sys.executable, "-m", "cluster.entrypoints.cli", "up", "--port", "0", "--host", "127.0.0.1",
-               "--metrics-port", str(self.metrics_port), *args]
+               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *args]
         self.log_lines: list[str] = []
+        self.frontends: list[tuple[str, int, int]] = []
+        started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+                                     text=True, start_new_session=True, env=env)
         threading.Thread(target=self._collect, args=(self.proc.stderr,), daemon=True).start()
         self.port = self._wait_ready(startup_timeout_s)
+        self.ready_s = time.monotonic() - started
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
 
     def _collect(self, stream) -> None:
         for line in stream:
@@ -51,6 +58,9 @@ class ServerProcess:
 
         def read_stdout():
             for line in self.proc.stdout:
+                if line.startswith("FRONTEND "):
+                    _, fid, port, pid = line.split()
+                    self.frontends.append((fid, int(port), int(pid)))
                 if line.startswith("READY "):
                     result.append(int(line.split()[1]))
                     return

@@ -6,7 +6,8 @@ cycle between modules, and every layer imports only the layers below it.
         engine/, kv/, models/, client
     prefill_worker/, decode_worker/        the roles' worker actors (on the core)
     router/                                front end, scheduling, migration (on the core)
-    cluster/entrypoints/, cluster/bench/   what wires everything together
+    cluster/entrypoints/, cluster/bench/,  what wires everything together; the planner
+        cluster/planner/                   (profile, simulator, plan) beside them
 
 Run it as a script (`python -m tests.unit.test_import_layers`) to print the graph's problems.
 """
@@ -22,7 +23,7 @@ PACKAGES = ("cluster", "router", "prefill_worker", "decode_worker", "proto")
 CORE = ("cluster.config", "cluster.protocol", "cluster.engine", "cluster.kv", "cluster.models",
         "cluster.client")
 WORKERS = ("prefill_worker", "decode_worker")
-ENTRY = ("cluster.entrypoints", "cluster.bench")
+ENTRY = ("cluster.entrypoints", "cluster.bench", "cluster.planner")
 # (importer prefix, forbidden prefixes, why)
 RULES = (
     (CORE, ("router",) + WORKERS + ENTRY, "the core of cluster/ must not know roles or the router"),

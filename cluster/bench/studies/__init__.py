@@ -10,10 +10,18 @@ import importlib
 STUDIES = {
     "grpc-overhead": "cluster.bench.studies.grpc_overhead",
     "kv-transport": "cluster.bench.studies.kv_transport",
+    "kv-push": "cluster.bench.studies.kv_push",
     "disagg-vs-colocated": "cluster.bench.studies.disagg_vs_colocated",
     "tetris": "cluster.bench.studies.tetris",
     "migration-downtime": "cluster.bench.studies.migration:DOWNTIME",
     "migration-skew": "cluster.bench.studies.migration:SKEW",
+    "vs-vllm": "cluster.bench.studies.vs_vllm",
+    "frontend-capacity": "cluster.bench.studies.frontend_capacity",
+    "dispatch-latency": "cluster.bench.studies.dispatch_latency",
+    "restart-time": "cluster.bench.studies.restart_time",
+    "sim-validation": "cluster.bench.studies.sim_validation",
+    "distserve-13b": "cluster.bench.studies.distserve_13b",
+    "prefix-reuse": "cluster.bench.studies.prefix_reuse",
 }
 
 

@@ -1,4 +1,4 @@
-"""Tokens/s through the gRPC path (client -> router -> worker actors) vs the same engine
+"""Tokens/s through the gRPC path (client -> front end -> worker actors) vs the same engine
 actors driven in-process (no router, no gRPC), same requests, same run."""
 
 from __future__ import annotations
@@ -66,13 +66,15 @@ async def _run(args) -> dict:
         prompts = corpus_token_prompts(load_serving_tokenizer(model), args.num_requests,
                                        args.input_len)
         address = f"127.0.0.1:{cluster.port}"
+        # The same engine actors the front end streams from, driven directly.
+        actors = [link.actor for _, link in sorted(cluster.frontend.links.items())]
         await _grpc_round(address, prompts[:4], 8)  # warm-up both paths
-        await _local_round(cluster.actors, prompts[:4], 8, "warm")
+        await _local_round(actors, prompts[:4], 8, "warm")
         rounds = {"grpc": [], "in_process": []}
         for r in range(args.repeats):  # interleaved so drift hits both paths alike
             rounds["grpc"].append(await _grpc_round(address, prompts, args.output_len))
             rounds["in_process"].append(
-                await _local_round(cluster.actors, prompts, args.output_len, str(r)))
+                await _local_round(actors, prompts, args.output_len, str(r)))
             print(f"round {r + 1}/{args.repeats}: gRPC {_tps(rounds['grpc'][-1]):.1f} tok/s, "
                   f"in-process {_tps(rounds['in_process'][-1]):.1f} tok/s",
                   file=sys.stderr, flush=True)

@@ -6,7 +6,7 @@ MigrationRecord.downtime_s: source's last token -> destination's first token) ag
 sequence length, for live migration (pre-copy stages, then a small stop-and-copy tail),
 blocking stop-and-copy (stop, copy the whole KV, resume) and recompute-on-destination (stop,
 the destination prefills the sequence again). 1 prefill + 2 decode instances, automatic
-balancing off: the benchmark calls Router.migrate itself. Default model: the random-weight
+balancing off: the benchmark calls FrontEnd.migrate itself (the scheduler runs it). Default model: the random-weight
 "kv-heavy" preset (8192 positions, 64 KiB of KV per token, cheap compute), so a 4096-token
 sequence has 256 MiB of KV to move. Every migrated output is compared token for token with an
 unmigrated run of the same greedy request.
@@ -334,7 +334,7 @@ def add_downtime_args(p: argparse.ArgumentParser) -> None:
 async def _downtime_trial(cluster, client: AsyncClient, prompt, args, request_id: str,
                           mode: str | None) -> dict:
     """One request; migrated once (mode) after `migrate_after` tokens, or not at all (None)."""
-    router = cluster.router
+    router = cluster.frontend
     s = StreamRecorder(client, prompt, args.output_len, request_id=request_id)
     await s.reach(args.migrate_after, timeout_s=300.0)
     state = router.table.get(request_id)
@@ -380,7 +380,7 @@ async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) 
     config = _serve_config(model, max_len, kv_gib, block, MigrationConfig(enabled=False),
                            args.dtype)
     cluster = await start_cluster(config)
-    router = cluster.router
+    router = cluster.frontend
     decode = [i for i in router.instances.values() if i.role == "decode"]
     info = decode[0].info
     print(f"[migration-downtime] {bpt} KV bytes/token, block {info.block_size}, "
@@ -426,7 +426,7 @@ async def _downtime_run(args, model: str, lengths: list[int], modes: list[str]) 
                           f"blocks {t['blocks_copied']}, equal {t['equal']}",
                           file=sys.stderr, flush=True)
                     await _wait_idle(router)
-        migration_status = router.migration_snapshot()
+        migration_status = await router.migration_status()
     finally:
         await client.close()
         await cluster.stop()
@@ -558,7 +558,7 @@ async def _skew_burst(router, client: AsyncClient, label: str, rep: int, prompts
     """One burst: decode-1 drains while every request lands on decode-0, then rejoins."""
     await _wait_idle(router)
     pre_before = await _preemptions(router)
-    mig_before = router.migration_snapshot()
+    mig_before = await router.migration_status()
     await router.drain("decode-1")  # empty: returns at once, stays DRAINING
     t0 = time.perf_counter()
     streams = [StreamRecorder(client, p, output_len, request_id=f"{label}-{rep}-{i}",
@@ -566,9 +566,9 @@ async def _skew_burst(router, client: AsyncClient, label: str, rep: int, prompts
                for i, p in enumerate(prompts)]
     samples = []
 
-    def sample(phase: str) -> None:
-        row = {"t": time.perf_counter() - t0, "phase": phase,
-               "committed": router.migration_stats.committed - mig_before["committed"]}
+    async def sample(phase: str) -> None:
+        committed = (await router.migration_stats()).committed
+        row = {"t": time.perf_counter() - t0, "phase": phase, "committed": committed - mig_before["committed"]}
         for inst in router.instances.values():
             load = inst.load
             if inst.role == "decode" and load is not None:
@@ -585,17 +585,17 @@ async def _skew_burst(router, client: AsyncClient, label: str, rep: int, prompts
         if (all(st is not None and st.phase == "decode" for st in states) and d0.load is not None
                 and d0.load.num_running + d0.load.num_waiting >= len(live)):
             break
-        sample("placing")
+        await sample("placing")
         await asyncio.sleep(0.02)
     placed_s = time.perf_counter() - t0
-    sample("placed")
-    router.undrain("decode-1")
+    await sample("placed")
+    await router.undrain("decode-1")
     while not all(s.task.done() for s in streams):
-        sample("running")
+        await sample("running")
         await asyncio.sleep(0.1)
     duration = time.perf_counter() - t0
     pre_after = await _preemptions(router)
-    mig = router.migration_snapshot()
+    mig = await router.migration_status()
     records = [s.record for s in streams]
     for i, r in enumerate(records):
         r.index = i
@@ -632,15 +632,15 @@ async def _skew_once(label: str, rep: int, model: str, args, migration: Migratio
     config = _serve_config(model, args.input_len + args.output_len + 16, kv_gib,
                            args.block_size, migration, args.dtype)
     cluster = await start_cluster(config)
-    router = cluster.router
+    router = cluster.frontend
     client = AsyncClient(f"127.0.0.1:{cluster.port}", timeout=1800)
     try:
         warm = [StreamRecorder(client, prompts[i][:64], 16, request_id=f"warm-{label}-{i}")
                 for i in range(4)]
         await asyncio.gather(*(w.task for w in warm))
         b = await _skew_burst(router, client, label, rep, prompts, priorities, args.output_len)
-        status = router.migration_snapshot()
-        b["migration_downtimes_ms"] = [d * 1000 for d in router.migration_stats.downtimes_s]
+        status = await router.migration_status()
+        b["migration_downtimes_ms"] = [d * 1000 for d in (await router.migration_stats()).downtimes_s]
         b["migration_downtime_max_ms"] = status["downtime_max_s"] * 1000
     finally:
         await client.close()

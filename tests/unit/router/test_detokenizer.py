@@ -2,7 +2,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from router.detokenizer import IncrementalDetokenizer
+from router.detokenizer import IncrementalDetokenizer, StreamDetokenizer, make_detokenizer
 
 TEXT = "def héllo(wörld):\n    return 'naïve café ☕ 日本語'  # ok\n" * 20
 
@@ -65,3 +65,31 @@ def _single_byte_id(tokenizer, byte):
             n += 1
     char = dict(zip(bs, map(chr, cs), strict=True))[byte]
     return tokenizer.convert_tokens_to_ids(char)
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_stream_detokenizer_gives_the_same_text(tokenizer, chunk):
+    """The fast path (tokenizers' DecodeStream) streams the text the window decoder streams,
+    split multi-byte characters and the final flush included."""
+    assert isinstance(make_detokenizer(tokenizer, []), StreamDetokenizer)
+    mapping = dict(zip(range(256), _byte_tokens(tokenizer), strict=True))
+    prompt = tokenizer.encode("x = ")
+    ids = tokenizer.encode(TEXT[:300]) + [mapping[b] for b in "☕".encode()[:2]]  # ends mid-character
+    slow, fast = IncrementalDetokenizer(tokenizer, prompt), StreamDetokenizer(tokenizer, prompt)
+    got_slow = got_fast = ""
+    for i in range(0, len(ids), chunk):
+        piece = fast.push(ids[i:i + chunk])
+        assert "\ufffd" not in piece
+        got_fast += piece
+        got_slow += slow.push(ids[i:i + chunk])
+    assert got_fast == got_slow
+    assert fast.flush() == slow.flush() == "\ufffd"
+    assert got_fast == tokenizer.decode(ids[:-2])
+
+
+def test_make_detokenizer_falls_back_for_slow_tokenizers():
+    class Plain:
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(str, ids))
+
+    assert isinstance(make_detokenizer(Plain(), [1]), IncrementalDetokenizer)

@@ -53,3 +53,31 @@ def test_in_flight_gauge_reads_the_router_at_scrape_time():
     assert sample(m, "disagg_migrations_in_flight") == 0
     router.in_flight = [record(MigrationState.PRECOPY), record(MigrationState.STOPPING)]
     assert sample(m, "disagg_migrations_in_flight") == 2
+
+
+def test_speculation_counters_and_budget_histogram_come_from_the_load_reports():
+    from types import SimpleNamespace
+
+    from cluster.protocol import LoadReport
+    from decode_worker.spec_stats import TetrisStats
+
+    stats = TetrisStats(num_speculative_tokens=4, budget_mode="goodput")
+    for budget in (0, 0, 3, 12, 40):
+        stats.add_budget(budget)
+    stats.draft_skipped_steps, stats.calibration_brier_raw = 2, 0.4
+    load = LoadReport(instance_id="decode-0", num_total_blocks=10, num_free_blocks=10, num_running=0,
+                      num_waiting=0, queued_prompt_tokens=0, spec=stats.snapshot())
+    router = FakeRouter([])
+    router.instances["decode-0"] = SimpleNamespace(instance_id="decode-0", role="decode", ready=True, load=load)
+    m = RouterMetrics()
+    m.watch(router)
+    lbl = {"instance": "decode-0", "role": "decode"}
+    assert sample(m, "disagg_instance_spec_steps_without_speculation_total", **lbl) == 2
+    assert sample(m, "disagg_instance_spec_draft_skipped_steps_total", **lbl) == 2
+    assert sample(m, "disagg_instance_spec_calibration_brier_raw", **lbl) == 0.4
+    assert sample(m, "disagg_instance_spec_budget_tokens_count", **lbl) == 5
+    assert sample(m, "disagg_instance_spec_budget_tokens_sum", **lbl) == 55
+    assert sample(m, "disagg_instance_spec_budget_tokens_bucket", le="0.0", **lbl) == 2
+    assert sample(m, "disagg_instance_spec_budget_tokens_bucket", le="4.0", **lbl) == 3
+    assert sample(m, "disagg_instance_spec_budget_tokens_bucket", le="16.0", **lbl) == 4
+    assert sample(m, "disagg_instance_spec_budget_tokens_bucket", le="+Inf", **lbl) == 5

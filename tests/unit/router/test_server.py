@@ -1,5 +1,5 @@
-"""The Migrate / Drain RPCs and the migration part of GetClusterStatus, against a fake router
-(the protocol itself is the router's; here: validation, error mapping, conversion, auth)."""
+"""The Migrate / Drain RPCs and GetClusterStatus, against a fake front end (the protocol itself
+is the scheduler's; here: validation, error mapping, conversion, auth)."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def finished(request_id="req-1", target="decode-1", state=MigrationState.COMMITT
 
 
 class FakeRouter:
-    """The Router surface the servicer uses; records calls, raises what a test sets."""
+    """The FrontEnd surface the servicer uses; records calls, raises what a test sets."""
 
     def __init__(self):
         self.calls: list[tuple] = []
@@ -47,6 +47,7 @@ class FakeRouter:
         self.started_at = time.time()
         self.disaggregated = True
         self.instances: dict = {}
+        self.frontends: list = []
 
     async def migrate(self, request_id: str, target: str | None = None, trigger: str = "admin"):
         self.calls.append(("migrate", request_id, target, trigger))
@@ -63,13 +64,16 @@ class FakeRouter:
             raise self.error
         return self.drain_result or DrainResult(instance_id)
 
-    def undrain(self, instance_id: str) -> None:
+    async def undrain(self, instance_id: str) -> None:
         self.calls.append(("undrain", instance_id))
         if self.error:
             raise self.error
 
-    def migration_snapshot(self) -> dict:
-        return self.stats.snapshot(self.in_flight)
+    async def cluster_status(self) -> dict:
+        return {"requests_in_flight": len(self.table), "requests_total": self.requests_total,
+                "uptime_s": time.time() - self.started_at, "mode": "disaggregated",
+                "migrations": self.stats.snapshot(self.in_flight), "instances": [], "frontends": self.frontends,
+                "scheduler": {"uptime_s": 12.0, "restarts": 2}, "deployment": "dep", "frontend_id": "fe-a"}
 
 
 class Aborted(Exception):
@@ -240,6 +244,21 @@ def test_cluster_status_carries_the_migration_stats():
     assert not m.in_flight[0].HasField("downtime_s")
 
 
+def test_cluster_status_carries_front_ends_and_the_scheduler():
+    router = FakeRouter()
+    router.frontends = [
+        {"frontend_id": "fe-a", "address": "10.0.0.1:50051", "pid": 11, "node_id": "n1", "state": "serving",
+         "requests_in_flight": 3, "requests_total": 40, "uptime_s": 9.5, "last_seen_s": 0.0},
+        {"frontend_id": "fe-b", "address": "10.0.0.2:50051", "pid": 12, "node_id": "n2", "state": "gone",
+         "requests_in_flight": 1, "requests_total": 7, "uptime_s": 99.0, "last_seen_s": 31.0}]
+    status, _ = call(router, "GetClusterStatus", pb.GetClusterStatusRequest())
+    assert [(f.frontend_id, f.state, f.requests_in_flight, f.requests_total, f.pid) for f in status.frontends] == [
+        ("fe-a", "serving", 3, 40, 11), ("fe-b", "gone", 1, 7, 12)]
+    assert status.frontends[1].last_seen_s == 31.0 and status.frontends[0].address == "10.0.0.1:50051"
+    assert (status.scheduler.restarts, status.scheduler.uptime_s, status.scheduler.state) == (2, 12.0, "serving")
+    assert status.deployment == "dep" and status.frontend_id == "fe-a"
+
+
 def test_the_proto_has_every_field_of_a_record_and_a_snapshot():
     """The servicer drops keys the proto lacks; this keeps the two in step."""
     assert set(pb.MigrationInfo.DESCRIPTOR.fields_by_name) == set(finished().to_dict())
@@ -336,3 +355,38 @@ def test_malformed_bytes_get_invalid_argument():
 
     assert asyncio.run(go()) == [INVALID, INVALID]
     assert router.calls == []
+
+
+def test_status_proto_carries_each_instance_and_its_load():
+    from cluster.protocol import InstanceInfo, LoadReport
+    from router.server import status_to_proto
+
+    info = InstanceInfo("decode-0", "decode", "node-1", "m", 1024, 16, 100, 1000, (2,), 1, pid=4242)
+    load = LoadReport("decode-0", 100, 60, 3, 1, 17, tokens_generated=900, prompt_tokens_computed=12,
+                      kv={"bytes_received": 1024, "blocks_held": 2}, spec={"accepted": 5, "acceptance_rate": 0.5})
+    status = status_to_proto({"instances": [{"info": info, "state": "draining", "load": load, "requests_served": 7,
+                                             "death_reason": "", "restarts": 1}], "mode": "disaggregated"}, "m")
+    (entry,) = status.instances
+    assert (entry.instance_id, entry.role, entry.state, entry.pid, entry.restarts, entry.requests_served) == (
+        "decode-0", "decode", "draining", 4242, 1, 7)
+    assert (entry.load.num_free_blocks, entry.load.num_running, entry.load.queued_prompt_tokens) == (60, 3, 17)
+    assert entry.kv_transfer.blocks_held == 2 and entry.spec_decode.accepted == 5
+    assert entry.tokens_generated == 900 and status.mode == "disaggregated"
+
+
+def test_status_proto_carries_prefix_cache_and_routing():
+    from cluster.protocol import InstanceInfo, LoadReport
+    from router.server import status_to_proto
+
+    info = InstanceInfo("prefill-0", "prefill", "node-1", "m", 1024, 16, 100, 1000, (2,), 1)
+    load = LoadReport("prefill-0", 100, 100, 0, 0, 0,
+                      prefix={"query_tokens": 400, "hit_tokens_device": 100, "cached_blocks": 12})
+    status = status_to_proto({"instances": [{"info": info, "state": "ready", "load": load}],
+                              "routing": {"policy": "prefix", "sessions": 2,
+                                          "decisions": {"prefill": {"session": 4, "load": 1}},
+                                          "expected_cached_tokens": {"prefill": 96}}}, "m")
+    cache = status.instances[0].prefix_cache
+    assert (cache.query_tokens, cache.hit_tokens_device, cache.hit_rate, cache.cached_blocks) == (400, 100, 0.25, 12)
+    assert dict(status.routing.decisions) == {"prefill/session": 4, "prefill/load": 1}
+    assert status.routing.policy == "prefix" and status.routing.sessions == 2
+    assert dict(status.routing.expected_cached_tokens) == {"prefill": 96}

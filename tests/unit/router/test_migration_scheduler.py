@@ -1,6 +1,7 @@
-"""The router's side of migration policy, on fake instances (no Ray, no engines): decode views
-from load reports, the balancing round (pairing + request selection), target choice, and the
-precondition errors of migrate / drain / undrain. The migration itself is stubbed."""
+"""The scheduler's side of migration policy (router/migration_scheduler.py), on fake instances
+(no Ray, no engines): decode views from load reports and snapshots, the balancing round
+(pairing + request selection), target choice, and the precondition errors of migrate / drain /
+undrain. The migration itself is stubbed."""
 
 from __future__ import annotations
 
@@ -11,17 +12,30 @@ import grpc
 import pytest
 
 from cluster.config import MigrationConfig, RouterConfig
-from cluster.protocol import InstanceInfo, LoadReport, Sampling
+from cluster.protocol import InstanceInfo, LiveRequest, LoadReport
 from router.errors import RequestError
 from router.instances import Instance, InstanceState
+from router.migration_scheduler import MigrationScheduler
 from router.migration_types import MigrationRecord, MigrationState
-from router.request_table import RequestState
-from router.router import Router
-from router.validation import ValidatedRequest
+from router.scheduler import GlobalScheduler
 
 BLOCK = 16
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FakeRegistry:
+    call_actor = GlobalScheduler.call_actor
+    fire = GlobalScheduler.fire
+    spawn = GlobalScheduler._spawn
+
+    def __init__(self, instances):
+        self.rc = RouterConfig()
+        self.instances = {i.instance_id: i for i in instances}
+        self._tasks: set = set()
+
+    def view_changed(self, inst) -> None:
+        pass
 
 
 def instance(iid: str, free: int = 900, running: int = 0, role: str = "decode", total: int = 1000,
@@ -32,33 +46,35 @@ def instance(iid: str, free: int = 900, running: int = 0, role: str = "decode", 
     return Instance(info, actor=object(), state=state, load=report)
 
 
-def make_router(instances, **migration_kw) -> Router:
+def make_router(instances, **migration_kw) -> MigrationScheduler:
     migration_kw.setdefault("enabled", False)
-    return Router(RouterConfig(), instances, tokenizer=None, migration=MigrationConfig(**migration_kw))
+    return MigrationScheduler(FakeRegistry(instances), MigrationConfig(**migration_kw))
 
 
-def place(router: Router, request_id: str, iid: str, prompt_len: int = 32, outputs: int = 0,
-          priority: int = 0, age_s: float = 10.0, phase: str = "decode") -> RequestState:
-    request = ValidatedRequest(tuple(range(prompt_len)), Sampling(max_tokens=512), (), priority, request_id)
-    state = RequestState(request_id, request, arrival=time.monotonic() - age_s)
-    state.phase = phase
-    state.attempt = 1
-    state.engine_request_id = f"{request_id}@1"
-    state.instance_id = iid
-    state.output_token_ids = [5] * outputs
-    router.table.add(state)
-    router.instances[iid].in_flight.add(request_id)
-    return state
+def place(router: MigrationScheduler, request_id: str, iid: str, prompt_len: int = 32, outputs: int = 0,
+          priority: int = 0, age_s: float = 10.0) -> LiveRequest:
+    """A request the instance's snapshot shows running."""
+    live = LiveRequest(f"{request_id}@1", "fe", prompt_len, outputs, priority, time.time() - age_s)
+    inst = router.instances[iid]
+    inst.requests[live.request_id] = live
+    inst.in_flight.add(request_id)
+    return live
 
 
-def balance(router: Router):
+def unplace(router: MigrationScheduler, request_id: str, iid: str) -> None:
+    inst = router.instances[iid]
+    del inst.requests[f"{request_id}@1"]
+    inst.in_flight.discard(request_id)
+
+
+def balance(router: MigrationScheduler):
     """One balance_once round with the migration stubbed; returns (started, recorded calls)."""
     calls = []
 
     async def record(request_id, target, trigger):
         calls.append((request_id, target, trigger))
 
-    router._migrate_quietly = record
+    router.migrate_quietly = record
 
     async def go():
         started = router.balance_once()
@@ -85,12 +101,12 @@ def test_decode_views_cover_serving_decode_instances_with_a_load():
     place(router, "b", "d1", priority=0)
     place(router, "c", "d1", priority=3)
     router.instances["d0"].migrating = "m1"
-    views = {v.instance_id: v for v in router._decode_views()}
+    views = {v.instance_id: v for v in router.decode_views()}
     assert set(views) == {"d0", "d1"}
     assert views["d0"].num_free_blocks == 1000 and views["d0"].migrating and not views["d0"].draining
     d1 = views["d1"]
     assert d1.draining and not d1.migrating
-    assert d1.num_running == 3  # the router's in_flight beats a stale report of 1
+    assert d1.num_running == 3  # the scheduler's in_flight beats a stale report of 1
     assert d1.high_priority_running == 2  # priorities 5 and 3 (threshold 3)
 
 
@@ -135,8 +151,7 @@ def test_only_requests_that_fit_the_destination_are_candidates():
     place(router, "huge", "src", prompt_len=1000)  # 63 blocks: more than dst's 20 free
     place(router, "small", "src", prompt_len=100)
     assert balance(router)[0] == [("small", "src", "dst")]
-    router.table.remove("small")
-    router.instances["src"].in_flight.discard("small")
+    unplace(router, "small", "src")
     assert balance(router) == ([], [])
 
 
@@ -146,8 +161,7 @@ def test_high_priority_requests_stay_put_unless_draining():
     place(router, "vip", "src", prompt_len=16, priority=5)  # the shortest, but high-priority
     place(router, "normal", "src", prompt_len=200)
     assert balance(router)[0] == [("normal", "src", "dst")]
-    router.table.remove("normal")
-    router.instances["src"].in_flight.discard("normal")
+    unplace(router, "normal", "src")
     assert balance(router) == ([], [])  # only the high-priority one is left: it stays
     router.instances["src"].state = InstanceState.DRAINING
     assert balance(router)[0] == [("vip", "src", "dst")]  # draining moves everything
@@ -177,14 +191,13 @@ def test_one_migration_per_instance():
     assert balance(router) == ([], [])  # a migrating source gives nothing more
 
 
-def test_requests_not_decoding_or_already_moving_are_skipped():
+def test_requests_already_moving_backing_off_or_not_reported_yet_are_skipped():
     router = make_router([instance("src", free=10, running=10), instance("dst", free=900, running=1)])
-    place(router, "prefilling", "src", phase="prefill")
-    moving = place(router, "moving", "src")
-    moving.migration = MigrationRecord("m", "moving", "src", "dst")
-    done = place(router, "done", "src")
-    done.finished = True
-    router.instances["src"].in_flight.add("gone")  # left the table already
+    place(router, "moving", "src")
+    router._moving["moving"] = "m"
+    place(router, "refused", "src")
+    router._backoff["refused"] = time.monotonic() + 60  # its last migration was refused
+    router.instances["src"].in_flight.add("pending")  # placed, not in a snapshot yet
     assert balance(router) == ([], [])
     place(router, "r", "src")
     assert balance(router)[0] == [("r", "src", "dst")]
@@ -200,9 +213,9 @@ def test_explicit_target_errors():
     for target, code in (("nope", NOT_FOUND), ("p0", PRECONDITION), ("d2", PRECONDITION),
                          ("d3", PRECONDITION), ("d0", PRECONDITION)):
         with pytest.raises(RequestError) as err:
-            router._migration_target(state, src, target)
+            router._target("r", state, src, target)
         assert err.value.code == code, target
-    assert router._migration_target(state, src, "d1") is router.instances["d1"]
+    assert router._target("r", state, src, "d1") is router.instances["d1"]
 
 
 def test_automatic_target_is_the_freest_other_instance_not_migrating():
@@ -210,12 +223,12 @@ def test_automatic_target_is_the_freest_other_instance_not_migrating():
                           instance("d2", free=800, running=1), instance("d3", free=990, running=1)])
     state = place(router, "r", "d0")
     src = router.instances["d0"]
-    assert router._migration_target(state, src, None).instance_id == "d3"
+    assert router._target("r", state, src, None).instance_id == "d3"
     router.instances["d3"].migrating = "m"
-    assert router._migration_target(state, src, None).instance_id == "d2"
+    assert router._target("r", state, src, None).instance_id == "d2"
     router.instances["d2"].migrating = router.instances["d1"].migrating = "m"
     # Every other one is busy: the freest is named anyway (migrate then refuses it).
-    assert router._migration_target(state, src, None).instance_id == "d3"
+    assert router._target("r", state, src, None).instance_id == "d3"
 
 
 def test_automatic_target_needs_room_for_the_request():
@@ -223,20 +236,22 @@ def test_automatic_target_needs_room_for_the_request():
                           instance("d2", free=900, running=1, state=InstanceState.DRAINING)])
     state = place(router, "r", "d0", prompt_len=200)  # 13 blocks
     with pytest.raises(RequestError) as err:
-        router._migration_target(state, router.instances["d0"], None)
+        router._target("r", state, router.instances["d0"], None)
     assert err.value.code == PRECONDITION and "no other decode instance has room" in err.value.message
 
 
 # ---------------------------------------------------------------- migrate preconditions
 
 class StubMigrator:
-    def __init__(self, outcome=MigrationState.ABORTED):
+    def __init__(self, router, outcome=MigrationState.ABORTED):
+        self.router = router
         self.runs = []
         self.outcome = outcome
 
-    async def run(self, rec, state, src, dst, mode="live"):
+    async def run(self, rec, req, src, dst, mode="live"):
         self.runs.append((rec.migration_id, src.instance_id, dst.instance_id, mode))
-        assert src.migrating == dst.migrating == rec.migration_id and state.migration is rec
+        assert src.migrating == dst.migrating == rec.migration_id
+        assert self.router._moving[rec.request_id] == rec.migration_id
         rec.state = self.outcome
         rec.reason = "destination_no_memory: stub" if self.outcome == MigrationState.ABORTED else ""
         return rec
@@ -244,21 +259,18 @@ class StubMigrator:
 
 def test_migrate_precondition_errors():
     router = make_router([instance("d0", free=10, running=4), instance("d1"), instance("p0", role="prefill")])
-    router.migrator = StubMigrator()
+    router.coordinator = StubMigrator(router)
     place(router, "decoding", "d0")
-    place(router, "prefilling", "p0", phase="prefill")
-    finished = place(router, "finished", "d0")
-    finished.finished = True
-    moving = place(router, "moving", "d0")
-    moving.migration = MigrationRecord("m0", "moving", "d0", "d1")
+    place(router, "prefilling", "p0")
+    place(router, "moving", "d0")
+    router._moving["moving"] = "m0"
 
     def error(request_id, target=None, mode="live"):
         with pytest.raises(RequestError) as err:
             asyncio.run(router.migrate(request_id, target, mode=mode))
         return err.value
 
-    assert error("nope").code == NOT_FOUND
-    assert error("finished").code == NOT_FOUND
+    assert error("nope").code == NOT_FOUND  # never placed, or finished (no snapshot shows it)
     assert error("decoding", mode="teleport").code == grpc.StatusCode.INVALID_ARGUMENT
     assert error("prefilling").code == PRECONDITION
     assert "already migrating" in error("moving").message
@@ -269,21 +281,39 @@ def test_migrate_precondition_errors():
     router.instances["d1"].migrating = None
     router.instances["d0"].migrating = "m-other"
     assert "one at a time" in error("decoding", "d1").message
-    assert router.migrator.runs == []  # nothing ever started
-    assert router.migration_stats.started == 0
+    assert router.coordinator.runs == []  # nothing ever started
+    assert router.stats.started == 0
 
 
 def test_migrate_clears_its_marks_after_an_abort():
     router = make_router([instance("d0", free=10, running=4), instance("d1")], timeout_s=0.1)
-    router.migrator = StubMigrator(MigrationState.ABORTED)
-    state = place(router, "r", "d0")
+    router.coordinator = StubMigrator(router, MigrationState.ABORTED)
+    place(router, "r", "d0")
     rec = asyncio.run(router.migrate("r", "d1", trigger="admin"))
     assert rec.state == MigrationState.ABORTED and rec.migration_id == "r@1~m1"
-    assert router.migrator.runs == [("r@1~m1", "d0", "d1", "live")]
+    assert router.coordinator.runs == [("r@1~m1", "d0", "d1", "live")]
     assert router.instances["d0"].migrating is None and router.instances["d1"].migrating is None
-    assert state.migration is None
-    assert router.migration_stats.started == 1 and router.migration_stats.aborted == 1
-    assert router.migration_snapshot()["in_flight"] == []
+    assert "r" not in router._moving
+    assert router.stats.started == 1 and router.stats.aborted == 1
+    assert router.snapshot()["in_flight"] == []
+
+
+def test_a_committed_migration_waits_for_its_front_ends_first_token_report():
+    router = make_router([instance("d0", free=10, running=4), instance("d1")], timeout_s=5.0)
+    router.coordinator = StubMigrator(router, MigrationState.COMMITTED)
+    place(router, "r", "d0")
+
+    async def go():
+        task = asyncio.ensure_future(router.migrate("r", "d1"))
+        await asyncio.sleep(0.05)
+        assert not task.done() and router.snapshot()["in_flight"] == []  # committed, awaiting the downtime
+        assert router.resumed("r@1~m1", 0.004, time.time())
+        return await task
+
+    rec = asyncio.run(go())
+    assert rec.state == MigrationState.COMMITTED and rec.downtime_s == 0.004
+    assert router.stats.committed == 1 and router.stats.downtimes_s == [0.004]
+    assert not router.resumed("r@1~m1", 0.1, time.time())  # finished: a late report changes nothing
 
 
 # ---------------------------------------------------------------- drain / undrain
@@ -310,7 +340,7 @@ def test_drain_moves_each_request_off_and_stays_draining_until_undrain():
     async def migrate(request_id, target=None, trigger="admin", mode="live"):
         assert router.instances["d0"].state == InstanceState.DRAINING
         moved.append((request_id, target, trigger))
-        router.instances["d0"].in_flight.discard(request_id)
+        unplace(router, request_id, "d0")
         rec = MigrationRecord(f"{request_id}~m", request_id, "d0", "d1", MigrationState.COMMITTED)
         return rec
 
@@ -334,3 +364,17 @@ def test_drain_deadline_reports_what_is_left():
     router.migrate = migrate
     result = asyncio.run(router.drain("d0", timeout_s=0.15))
     assert (result.migrated, result.failed, result.remaining) == (0, 0, 1)
+
+
+def test_a_handed_off_request_is_found_once_on_its_decode_instance():
+    """The prefill's record of a hand-off's engine-side id may lag behind the decode side's:
+    one request, not an ambiguous id."""
+    from router.instances import Pending
+
+    router = make_router([instance("d0", free=10, running=4), instance("d1"), instance("p0", role="prefill")])
+    live = place(router, "h", "d0")
+    router.instances["p0"].place(Pending(live.request_id, "h", 32))
+    (found,) = router.find("h")
+    assert found[0].instance_id == "d0" and found[1].request_id == live.request_id
+    router.instances["p0"].place(Pending("h@9.other", "h", 32))  # another front end's "h": ambiguous
+    assert len(router.find("h")) == 2
