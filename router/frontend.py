@@ -41,6 +41,7 @@ from router.metrics import RouterMetrics
 from router.migration_types import DrainResult, MigrationRecord
 from router.request_table import RequestState, RequestTable
 from router.scheduler import raise_if_error
+from router.tasks import fire, spawn_tracked
 from router.validation import ValidatedRequest
 
 log = logging.getLogger(__name__)
@@ -799,11 +800,7 @@ class FrontEnd:
 
     def fire(self, ref) -> None:
         """A best-effort call with a deadline whose result nobody waits for."""
-        task = asyncio.get_running_loop().create_task(self.call_actor(ref))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        fire(self.call_actor(ref))
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return spawn_tracked(coro, self._tasks)

@@ -43,6 +43,7 @@ from router.migration_scheduler import MigrationScheduler
 from router.prefix_index import PrefixIndex, RouteCandidate, RouteConfig, choose
 from router.scaling import ScalingLoop
 from router.sessions import SessionTable
+from router.tasks import fire, spawn_tracked
 
 log = logging.getLogger(__name__)
 
@@ -646,14 +647,10 @@ class GlobalScheduler:
 
     def fire(self, ref) -> None:
         """A best-effort call with a deadline whose result nobody waits for."""
-        task = asyncio.get_running_loop().create_task(self.call_actor(ref))
-        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        fire(self.call_actor(ref))
 
     def _spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return spawn_tracked(coro, self._tasks)
 
     spawn = _spawn
 
