@@ -102,11 +102,14 @@ class RunningCluster:
         return self.running.port
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        began = time.monotonic()
         stop_children(self.children)
         await self.running.stop(grace_s)
+        say(f"front ends stopped ({time.monotonic() - began:.1f}s)")
         if self.owns_deployment:
+            began = time.monotonic()
             stopped = await asyncio.to_thread(dep.shutdown, self.config.deployment.name)
-            log.info("stopped %s", ", ".join(stopped))
+            say(f"stopped {', '.join(stopped)} ({time.monotonic() - began:.1f}s)")
 
 
 async def start_cluster(config: ServeConfig, owns_deployment: bool | None = None) -> RunningCluster:
@@ -231,8 +234,9 @@ async def serve_until_signal(config: ServeConfig, frontend_argv: list[str] | Non
     if not cluster.owns_deployment:
         say(f"deployment {config.deployment.name!r} keeps running; `disagg-serve down --name "
             f"{config.deployment.name} --address ...` stops it")
+    began = time.monotonic()
     ray.shutdown()
-    say("stopped")
+    say(f"stopped (Ray shut down in {time.monotonic() - began:.1f}s)")
 
 
 def down(address: str, name: str) -> list[str]:

@@ -73,13 +73,16 @@ class ServerProcess:
             raise RuntimeError("server did not become ready:\n" + "".join(self.log_lines[-60:]))
         return result[0]
 
-    def stop(self, timeout_s: float = 60.0) -> int:
+    def stop(self, timeout_s: float = 150.0) -> int:
+        """SIGINT, then the exit status. The server bounds its own shutdown (engines asked to
+        stop for 10 s each, then killed; Ray's local head stopped); `timeout_s` is above that."""
         self.proc.send_signal(signal.SIGINT)
         try:
             return self.proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise
+            raise AssertionError(f"server still running {timeout_s}s after SIGINT:\n"
+                                 + "".join(self.log_lines[-60:])) from None
 
     def kill(self) -> None:
         try:
@@ -96,7 +99,11 @@ def run_server(args):
     """A module fixture's body: the server while the tests run, a clean shutdown after."""
     server = ServerProcess(args)
     yield server
+    began = time.monotonic()
     rc = server.stop()
+    # Shown with `pytest -s`: how long the shutdown took and what it said about each step.
+    print(f"\nserver shut down in {time.monotonic() - began:.1f}s:\n"
+          + "".join(line for line in server.log_lines[-12:] if "[disagg-serve]" in line))
     assert rc == 0, "server did not shut down cleanly:\n" + "".join(server.log_lines[-40:])
 
 

@@ -24,6 +24,9 @@ from cluster.planner.profile import Overheads, ParallelProfile, Profile, StepCos
 from tests.integration.support import ENGINE_ARGS, corpus_token_ids, reference_greedy, run_server
 
 MAX_NUM_SEQS = 4
+BURST_WAITING = 4  # burst requests kept waiting on decode-0 (pressure: more than 1 per instance)
+BURST_TOKENS = 48  # short: the burst ends soon after decode-1 serves, whatever the machine's speed
+MAX_BURST = 400
 
 
 def _huge_capacity_profile(path) -> str:
@@ -42,8 +45,17 @@ def autoscaling_server(target_model, tmp_path_factory):
         "--prefill", "1", "--decode", "1", "--model", target_model, *ENGINE_ARGS,
         "--max-num-seqs", str(MAX_NUM_SEQS), "--autoscale", "--decode-min", "1", "--decode-max", "2",
         "--autoscale-profile", profile, "--autoscale-interval-s", "0.5", "--autoscale-window-s", "3",
-        "--autoscale-out-after", "1", "--autoscale-in-after", "4", "--autoscale-cooldown-s", "3",
+        "--autoscale-out-after", "1", "--autoscale-in-after", "16", "--autoscale-cooldown-s", "3",
         "--autoscale-max-waiting", "1", "--no-migration"])
+
+
+def _burst_prompt(tokenizer, i: int) -> list[int]:
+    return corpus_token_ids(tokenizer, 48, offset=97 * i)
+
+
+def _autoscaler_metrics(server) -> str:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    return "; ".join(line for line in text.splitlines() if line.startswith("disagg_autoscaler"))
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +80,12 @@ def _metric(server, name: str, **labels) -> float:
 
 def test_load_ramp_scales_decode_one_two_one_and_scale_in_migrates_first(autoscaling_server, reference,
                                                                           tokenizer):
+    """The load adapts to the machine: the burst keeps requests waiting on decode-0 until
+    decode-1 serves (however long its start takes), and the long tails start on both instances
+    before the scale-in countdown (`--autoscale-in-after`: 8 s with no pressure) can end."""
     server = autoscaling_server
-    burst = [corpus_token_ids(tokenizer, 48, offset=400 * i) for i in range(12)]
-    burst_tokens = [160] * len(burst)
     tail = [corpus_token_ids(tokenizer, 48, offset=9000 + 300 * i) for i in range(4)]
-    tail_tokens = [700] * len(tail)
+    tail_tokens = [960] * len(tail)  # 48 + 960 <= max_model_len: runs > 8 s at any speed seen
 
     async def scenario():
         client = AsyncClient(server.address)
@@ -92,13 +105,19 @@ def test_load_ramp_scales_decode_one_two_one_and_scale_in_migrates_first(autosca
                     await asyncio.sleep(0.2)
 
             watcher = asyncio.create_task(watch())
-            # Ramp up: 12 requests at once, 4 run on decode-0 and 8 wait -> scale out.
-            streams = [StreamRecorder(client, p, m, request_id=f"burst-{i}")
-                       for i, (p, m) in enumerate(zip(burst, burst_tokens, strict=True))]
-            deadline = time.monotonic() + 240
-            while 2 not in sizes and time.monotonic() < deadline:
+            # Ramp up: MAX_NUM_SEQS run on decode-0 and BURST_WAITING more wait, topped up as
+            # they finish, until decode-1 serves.
+            streams: list[StreamRecorder] = []
+            deadline = time.monotonic() + 300
+            while 2 not in sizes and time.monotonic() < deadline and len(streams) < MAX_BURST:
+                in_flight = sum(1 for s in streams if not s.task.done())
+                for _ in range(MAX_NUM_SEQS + BURST_WAITING - in_flight):
+                    i = len(streams)
+                    streams.append(StreamRecorder(client, _burst_prompt(tokenizer, i), BURST_TOKENS,
+                                                  request_id=f"burst-{i}"))
                 await asyncio.sleep(0.2)
-            assert 2 in sizes, f"decode pool never reached 2 instances: {sizes}"
+            assert 2 in sizes, (f"decode pool never reached 2 instances: {sizes} after {len(streams)} burst "
+                                f"requests; autoscaler: {_autoscaler_metrics(server)}")
             await asyncio.gather(*(s.task for s in streams))
             # Ramp down: long requests spread over both instances (2 + 2, nothing waits); the
             # autoscaler removes one while they run.
@@ -114,8 +133,9 @@ def test_load_ramp_scales_decode_one_two_one_and_scale_in_migrates_first(autosca
             await client.close()
 
     streams, tails, sizes, running_at_scale_in = asyncio.run(scenario())
-    assert sizes[:3] == [1, 2, 1], sizes
-    expected = reference(burst + tail, burst_tokens + tail_tokens)
+    assert sizes[:3] == [1, 2, 1], (sizes, _autoscaler_metrics(server))
+    burst = [_burst_prompt(tokenizer, i) for i in range(len(streams))]
+    expected = reference(burst + tail, [BURST_TOKENS] * len(burst) + tail_tokens)
     for s, want in zip(streams + tails, expected, strict=True):
         assert s.final is not None, f"{s.request_id} never finished"
         assert s.tokens == want, f"{s.request_id} diverged from the plain engine"
