@@ -68,7 +68,7 @@ async def _measure(args, model: str) -> dict:
                         raise RuntimeError(f"{mode} {n}: {rec!r}")
                     if rep == 0:
                         continue
-                    samples[mode][n]["ttft"].append(times[0] - rec.t0)
+                    samples[mode][n]["ttft"].append(rec.record.ttft_s)  # times are from the send already
                     samples[mode][n]["second"].append(times[1] - times[0])
             row = {m: _stats(samples[m][n]["second"])["p50_ms"] for m in MODES}
             print(f"{n} tokens: to 2nd token pull {row['pull']:.1f} ms, layerwise {row['layerwise']:.1f} ms "
