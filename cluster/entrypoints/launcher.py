@@ -164,7 +164,7 @@ def start_more_frontends(config: ServeConfig, argv: list[str], count: int) -> li
         children.append((fid, proc))
     out = []
     for fid, proc in children:
-        port = _wait_ready_line(proc, rc.startup_timeout_s)
+        port = wait_ready_line(proc, rc.startup_timeout_s)
         if port is None:
             stop_children([(f, p, 0) for f, p in children])
             raise RuntimeError(f"front end {fid} did not start (exit code {proc.poll()})")
@@ -180,7 +180,9 @@ def _die_with_parent() -> None:
         pass
 
 
-def _wait_ready_line(proc, timeout_s: float) -> int | None:
+def wait_ready_line(proc, timeout_s: float) -> int | None:
+    """The port of a serving child's `READY <port>` line on its stdout (None: not within
+    `timeout_s`, or it exited first)."""
     found: list[int] = []
 
     def read():

@@ -13,6 +13,7 @@ Every call has a deadline (socket timeouts); a connection that failed is dropped
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -146,44 +147,39 @@ class RankClient:
         """Sends `request` (and a payload), returns the reply header. `reply_into(header)`, when
         given, returns a writable buffer the reply's payload is read into. Raises TimeoutError
         past the deadline and ChannelError for a peer error or a broken connection."""
-        try:
+        with self._failures(f"did not answer {request.get('op')} within {timeout_s:.1f}s"):
             sock = self._connected(timeout_s)
             send_frame(sock, request, payload)
-            reply = recv_header(sock)
-            if "error" in reply:
-                raise ChannelError(f"{self.endpoint}: {reply['error']}")
-            if reply.get("nbytes") and reply_into is not None:
-                recv_payload(sock, memoryview(reply_into(reply)).cast("B"))
-            return reply
-        except TimeoutError as exc:
-            self.close()
-            raise TimeoutError(f"{self.endpoint} did not answer {request.get('op')} within {timeout_s:.1f}s") from exc
-        except (OSError, ValueError) as exc:
-            self.close()
-            raise ChannelError(f"{self.endpoint}: {type(exc).__name__}: {exc}") from exc
+            return self._read_frame(sock, reply_into)
 
     def recv(self, timeout_s: float, into: Callable | None = None) -> dict:
         """The next frame of a streamed reply (after `call`); `into(header)` as for `call`."""
-        try:
-            sock = self._connected(timeout_s)
-            header = recv_header(sock)
-            if "error" in header:
-                raise ChannelError(f"{self.endpoint}: {header['error']}")
-            if header.get("nbytes") and into is not None:
-                recv_payload(sock, memoryview(into(header)).cast("B"))
-            return header
-        except TimeoutError as exc:
-            self.close()
-            raise TimeoutError(f"{self.endpoint} stopped streaming within {timeout_s:.1f}s") from exc
-        except (OSError, ValueError) as exc:
-            self.close()
-            raise ChannelError(f"{self.endpoint}: {type(exc).__name__}: {exc}") from exc
+        with self._failures(f"stopped streaming within {timeout_s:.1f}s"):
+            return self._read_frame(self._connected(timeout_s), into)
 
     def send(self, request: dict, timeout_s: float, payload=None) -> None:
         """A request (and payload) the peer does not answer (`noreply`): no round trip."""
-        try:
+        with self._failures(f"did not take {request.get('op')} within {timeout_s:.1f}s"):
             send_frame(self._connected(timeout_s), {**request, "noreply": True}, payload)
-        except OSError as exc:
+
+    def _read_frame(self, sock: socket.socket, into: Callable | None) -> dict:
+        header = recv_header(sock)
+        if "error" in header:
+            raise ChannelError(f"{self.endpoint}: {header['error']}")
+        if header.get("nbytes") and into is not None:
+            recv_payload(sock, memoryview(into(header)).cast("B"))
+        return header
+
+    @contextlib.contextmanager
+    def _failures(self, timed_out: str):
+        """A failed exchange leaves the stream mid-frame: close the connection (the next call
+        reconnects), and say what happened: TimeoutError past the deadline, else ChannelError."""
+        try:
+            yield
+        except TimeoutError as exc:
+            self.close()
+            raise TimeoutError(f"{self.endpoint} {timed_out}") from exc
+        except (OSError, ValueError) as exc:
             self.close()
             raise ChannelError(f"{self.endpoint}: {type(exc).__name__}: {exc}") from exc
 

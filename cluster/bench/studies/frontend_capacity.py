@@ -26,7 +26,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from cluster.config import (
     ServeConfig,
 )
 from cluster.entrypoints.deployment import SCHEDULER_NAME, wait_until_ready
+from cluster.entrypoints.launcher import wait_ready_line
 from cluster.models.demo import demo_target
 from cluster.models.tokenizer import load_serving_tokenizer
 from router.scheduler import GlobalScheduler, MemoryStore
@@ -80,7 +80,7 @@ class Served:
         self.name = name
         self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                      env=env)
-        self.port = _ready_port(self.proc, 300.0)
+        self.port = wait_ready_line(self.proc, 300.0)
         if self.port is None:
             raise RuntimeError(f"{name} did not start (exit {self.proc.poll()})")
         self.ps = psutil.Process(self.proc.pid)
@@ -103,21 +103,6 @@ class Served:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-
-
-def _ready_port(proc, timeout_s: float) -> int | None:
-    found: list[int] = []
-
-    def read():
-        for line in proc.stdout:
-            if line.startswith("READY "):
-                found.append(int(line.split()[1]))
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout_s)
-    return found[0] if found else None
 
 
 def _round(label: str, served: list[Served], batch: int, args, profile_to: Path | None = None) -> dict:
