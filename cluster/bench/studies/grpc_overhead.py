@@ -1,15 +1,23 @@
 """Tokens/s through the gRPC path (client -> front end -> worker actors) vs the same engine
-actors driven in-process (no router, no gRPC), same requests, same run."""
+actors driven in-process (no router, no gRPC), same requests, same run.
+
+Each round also records where the machine's CPU went (psutil): the engine processes' CPU-seconds
+and everything else's (this process, which holds the front end and the load client, Ray, the
+scheduler), against the round's wall time x cores. On a machine whose engines compute on the
+CPU, whatever the serving path spends is taken from the engines: the split shows how much of
+the gap that explains."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import ray
 
 from cluster.bench.plots import pyplot
@@ -67,14 +75,16 @@ async def _run(args) -> dict:
                                        args.input_len)
         address = f"127.0.0.1:{cluster.port}"
         # The same engine actors the front end streams from, driven directly.
-        actors = [link.actor for _, link in sorted(cluster.frontend.links.items())]
+        links = [link for _, link in sorted(cluster.frontend.links.items())]
+        actors = [link.actor for link in links]
+        meter = CpuMeter([pid for link in links for pid in (link.info.pid, *link.info.rank_pids) if pid])
         await _grpc_round(address, prompts[:4], 8)  # warm-up both paths
         await _local_round(actors, prompts[:4], 8, "warm")
         rounds = {"grpc": [], "in_process": []}
         for r in range(args.repeats):  # interleaved so drift hits both paths alike
-            rounds["grpc"].append(await _grpc_round(address, prompts, args.output_len))
+            rounds["grpc"].append(await _metered(meter, _grpc_round(address, prompts, args.output_len)))
             rounds["in_process"].append(
-                await _local_round(actors, prompts, args.output_len, str(r)))
+                await _metered(meter, _local_round(actors, prompts, args.output_len, str(r))))
             print(f"round {r + 1}/{args.repeats}: gRPC {_tps(rounds['grpc'][-1]):.1f} tok/s, "
                   f"in-process {_tps(rounds['in_process'][-1]):.1f} tok/s",
                   file=sys.stderr, flush=True)
@@ -82,13 +92,56 @@ async def _run(args) -> dict:
         await cluster.stop()
         ray.shutdown()
     summary = {k: statistics.median(_tps(x) for x in v) for k, v in rounds.items()}
+    cpu = {k: {f: statistics.median(x[f] / x["capacity_cpu_s"] for x in v)
+               for f in ("engine_cpu_s", "other_cpu_s")} for k, v in rounds.items()}
     return {
         "study": "grpc-overhead",
         "config": vars(args) | {"model": model},
         "rounds": rounds,
         "tokens_per_s_median": summary,
         "ratio_grpc_over_in_process": summary["grpc"] / summary["in_process"],
+        # Shares of the machine's CPU (wall x cores) per path: engines vs everything else.
+        "cpu_share_median": cpu,
     }
+
+
+class CpuMeter:
+    """CPU-seconds of the engine processes (and their children) and of the whole machine."""
+
+    def __init__(self, engine_pids: list[int]):
+        self.engines = []
+        for pid in engine_pids:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(pid)
+                self.engines += [proc, *proc.children(recursive=True)]
+
+    def _engine_s(self) -> float:
+        total = 0.0
+        for proc in self.engines:
+            with contextlib.suppress(psutil.Error):
+                t = proc.cpu_times()
+                total += t.user + t.system
+        return total
+
+    @staticmethod
+    def _busy_s() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.system + t.nice + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+
+    def start(self) -> None:
+        self._at = (time.perf_counter(), self._engine_s(), self._busy_s())
+
+    def stop(self) -> dict:
+        wall, engine, busy = (b - a for a, b in zip(self._at, (time.perf_counter(), self._engine_s(),
+                                                                self._busy_s()), strict=True))
+        return {"engine_cpu_s": engine, "other_cpu_s": max(0.0, busy - engine),
+                "capacity_cpu_s": wall * (psutil.cpu_count() or 1)}
+
+
+async def _metered(meter: CpuMeter, round_coro) -> dict:
+    meter.start()
+    result = await round_coro
+    return result | meter.stop()
 
 
 def _tps(r: dict) -> float:
@@ -118,6 +171,9 @@ def main(args) -> int:
     print(f"{'path':<12}{'tok/s (median)':>16}")
     print(f"{'in-process':<12}{s['in_process']:>16.1f}")
     print(f"{'gRPC':<12}{s['grpc']:>16.1f}")
+    for path, share in results["cpu_share_median"].items():
+        print(f"{path}: engines {100 * share['engine_cpu_s']:.0f}% of the machine's CPU, "
+              f"everything else {100 * share['other_cpu_s']:.0f}%")
     print(f"ratio gRPC / in-process: {results['ratio_grpc_over_in_process']:.3f}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return 0
