@@ -46,6 +46,15 @@ class RunningFrontEnd:
     metrics_server: object | None = None
     http_server: object | None = None  # router.openai.server.HttpServer
 
+    @property
+    def http_port(self) -> int | None:
+        """The OpenAI API's bound port (None: not served); `--http-port 0` picks a free one."""
+        return self.http_server.port if self.http_server is not None else None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_server[0].server_port if self.metrics_server is not None else None
+
     async def stop(self, grace_s: float = 5.0) -> None:
         if self.http_server is not None:
             await self.http_server.stop(grace_s)

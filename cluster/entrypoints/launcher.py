@@ -225,6 +225,11 @@ async def serve_until_signal(config: ServeConfig, frontend_argv: list[str] | Non
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     print(f"FRONTEND {cluster.frontend.frontend_id} {cluster.port} {cluster.frontend.info['pid']}", flush=True)
+    # The bound ports (port 0 asks for free ones: scripts and tests read them here).
+    if cluster.running.http_port is not None:
+        print(f"HTTP {cluster.running.http_port}", flush=True)
+    if cluster.running.metrics_port is not None:
+        print(f"METRICS {cluster.running.metrics_port}", flush=True)
     for fid, proc, port in cluster.children:
         print(f"FRONTEND {fid} {port} {proc.pid}", flush=True)
     say(f"deployment {config.deployment.name!r} serving ({'reattached' if cluster.attached else 'started'} "

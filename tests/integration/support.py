@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,22 +21,17 @@ MAX_MODEL_LEN = 1024
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerProcess:
     """`disagg-serve up ...` in a child process; ready once it prints `READY <port>`. Every
     front end it runs is in `frontends`: (front end id, gRPC port, pid), from its
     `FRONTEND ...` lines; `ready_s` is how long it took to serve."""
 
     def __init__(self, args: list[str], startup_timeout_s: float = 300.0, env: dict | None = None):
-        self.metrics_port = free_port()
-        self.http_port = free_port()  # the OpenAI-compatible API, on every test server
+        # Port 0 everywhere: the server binds free ports and prints them (a port picked here and
+        # bound there later could be taken in between, e.g. by one of Ray's workers).
+        self.metrics_port = self.http_port = 0  # the OpenAI-compatible API, on every test server
         cmd = [sys.executable, "-m", "cluster.entrypoints.cli", "up", "--port", "0", "--host", "127.0.0.1",
-               "--metrics-port", str(self.metrics_port), "--http-port", str(self.http_port), *args]
+               "--metrics-port", "0", "--http-port", "0", *args]
         self.log_lines: list[str] = []
         self.frontends: list[tuple[str, int, int]] = []
         started = time.monotonic()
@@ -61,6 +55,10 @@ class ServerProcess:
                 if line.startswith("FRONTEND "):
                     _, fid, port, pid = line.split()
                     self.frontends.append((fid, int(port), int(pid)))
+                if line.startswith("HTTP "):
+                    self.http_port = int(line.split()[1])
+                if line.startswith("METRICS "):
+                    self.metrics_port = int(line.split()[1])
                 if line.startswith("READY "):
                     result.append(int(line.split()[1]))
                     return
