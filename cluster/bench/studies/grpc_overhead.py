@@ -109,11 +109,12 @@ class CpuMeter:
     """CPU-seconds of the engine processes (and their children) and of the whole machine."""
 
     def __init__(self, engine_pids: list[int]):
-        self.engines = []
+        found: dict[int, psutil.Process] = {}  # by pid: an actor's pid is also its rank 0's
         for pid in engine_pids:
             with contextlib.suppress(psutil.Error):
                 proc = psutil.Process(pid)
-                self.engines += [proc, *proc.children(recursive=True)]
+                found.update({p.pid: p for p in (proc, *proc.children(recursive=True))})
+        self.engines = list(found.values())
 
     def _engine_s(self) -> float:
         total = 0.0
@@ -171,8 +172,8 @@ def main(args) -> int:
     print(f"{'path':<12}{'tok/s (median)':>16}")
     print(f"{'in-process':<12}{s['in_process']:>16.1f}")
     print(f"{'gRPC':<12}{s['grpc']:>16.1f}")
-    for path, share in results["cpu_share_median"].items():
-        print(f"{path}: engines {100 * share['engine_cpu_s']:.0f}% of the machine's CPU, "
+    for route, share in results["cpu_share_median"].items():
+        print(f"{route}: engines {100 * share['engine_cpu_s']:.0f}% of the machine's CPU, "
               f"everything else {100 * share['other_cpu_s']:.0f}%")
     print(f"ratio gRPC / in-process: {results['ratio_grpc_over_in_process']:.3f}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
