@@ -11,6 +11,7 @@ import sys
 import sysconfig
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from cluster.client import AsyncClient, status_to_dict
@@ -70,6 +71,11 @@ class ServerProcess:
             self.kill()
             raise RuntimeError("server did not become ready:\n" + "".join(self.log_lines[-60:]))
         return result[0]
+
+    def metrics_text(self, timeout_s: float = 30.0) -> str:
+        """The front end's Prometheus exposition, as text."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return urllib.request.urlopen(url, timeout=timeout_s).read().decode()
 
     def stop(self, timeout_s: float = 150.0) -> int:
         """SIGINT, then the exit status. The server bounds its own shutdown (engines asked to

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import urllib.request
 
 import pytest
 
@@ -54,7 +53,7 @@ def _burst_prompt(tokenizer, i: int) -> list[int]:
 
 
 def _autoscaler_metrics(server) -> str:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    text = server.metrics_text()
     return "; ".join(line for line in text.splitlines() if line.startswith("disagg_autoscaler"))
 
 
@@ -68,7 +67,7 @@ def _decode_ids(status: dict, state: str = "ready") -> list[str]:
 
 
 def _metric(server, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    text = server.metrics_text()
     total = 0.0
     for line in text.splitlines():
         if not line.startswith(name + "{") and line.split(" ")[0] != name:

@@ -8,7 +8,6 @@ import json
 import math
 import subprocess
 import sys
-import urllib.request
 
 import grpc
 import pytest
@@ -172,8 +171,7 @@ def test_health_and_reflection(colocated_server):
 
 def test_prometheus_metrics(client, colocated_server):
     client.generate("x = ", max_tokens=4, temperature=0.0)
-    body = urllib.request.urlopen(f"http://127.0.0.1:{colocated_server.metrics_port}/metrics", timeout=10).read()
-    text = body.decode()
+    text = colocated_server.metrics_text()
     for name in ("disagg_time_to_first_token_seconds_count", "disagg_time_per_output_token_seconds_count",
                  "disagg_inter_token_latency_seconds_count", "disagg_e2e_request_latency_seconds_count",
                  'disagg_requests_total{finish_reason="length",status="OK"}',

@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import time
-import urllib.request
 
 import pytest
 
@@ -38,8 +37,8 @@ def push_server(target_model, demo_models):
                            "--spec-draft-model", str(demo_models / "draft"), "--spec-k", "2", "--spec-extra", "1"])
 
 
-def handoffs(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def handoffs(server) -> dict[str, float]:
+    text = server.metrics_text()
     return {m.group(1): float(m.group(2))
             for m in re.finditer(r'^disagg_kv_handoffs_total\{mode="([a-z_]+)"\} ([0-9.e+]+)$', text, re.M)}
 
@@ -52,11 +51,11 @@ def test_prefill_tp2_pushed_layer_by_layer_to_decode_tp1_equals_plain_engine(pus
     lengths = [3, 40, 130, 257, 600, 900]
     prompts = [corpus_token_ids(tokenizer, n, offset=211 * (i + 1)) for i, n in enumerate(lengths)]
     max_tokens = [16, 24, 20, 12, 16, 10]
-    before = handoffs(push_server.metrics_port).get("pushed", 0.0)
+    before = handoffs(push_server).get("pushed", 0.0)
     got = assert_greedy_equals_reference(push_server.address, reference_llm, prompts, max_tokens,
                                          " (layer-wise push, prefill TP2 -> decode TP1, TETRIS)")
     assert all(list(c.served_by) == ["prefill-0", "decode-0"] for c in got)
-    counts = handoffs(push_server.metrics_port)
+    counts = handoffs(push_server)
     assert counts.get("pushed", 0.0) - before == len(lengths), counts  # no fallback to pulling
     with Client(push_server.address) as client:
         insts = {i["instance_id"]: i for i in wait_idle(client)["instances"]}  # no block held or reserved

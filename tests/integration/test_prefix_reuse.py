@@ -14,7 +14,6 @@ import asyncio
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 
@@ -133,8 +132,7 @@ def test_2p1d_conversations_stay_on_their_instance_and_reuse_it(two_prefills, re
     assert int(decisions.get("prefill/session", 0)) >= 12 and status["routing"]["policy"] == "prefix"
     for iid in ("prefill-0", "prefill-1"):
         assert float(instances(status)[iid]["prefix_cache"]["hit_rate"]) > 0.3
-    url = f"http://127.0.0.1:{two_prefills.metrics_port}/metrics"
-    metrics = urllib.request.urlopen(url, timeout=30).read().decode()
+    metrics = two_prefills.metrics_text()
     assert 'disagg_routing_decisions_total{reason="session",role="prefill"}' in metrics
     assert 'disagg_instance_prefix_cache_hit_tokens_total{instance="prefill-0",role="prefill",tier="device"}' in metrics
     TWO_P["convs"], TWO_P["homes"] = convs, homes

@@ -5,7 +5,6 @@ is the same on a fresh server and inside a busy batch, counters in status and Pr
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 import pytest
 
@@ -84,7 +83,7 @@ def test_greedy_equals_plain_engine_and_speculation_counters(spec_server, refere
     assert int(spec["calibration_observations"]) > 0
     assert float(spec["calibration_brier_calibrated"]) > 0 and float(spec["calibration_brier_raw"]) > 0
     assert int(spec["step_time_samples"]) > 0 and float(spec["step_time_measured_mean_ms"]) > 0
-    body = urllib.request.urlopen(f"http://127.0.0.1:{spec_server.metrics_port}/metrics", timeout=10).read().decode()
+    body = spec_server.metrics_text()
     labels = '{instance="decode-0",role="decode"}'
     for name in ("spec_draft_tokens_accepted_total", "spec_steps_without_speculation_total",
                  "spec_draft_skipped_steps_total", "spec_calibration_brier_calibrated",
