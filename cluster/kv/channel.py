@@ -147,19 +147,19 @@ class RankClient:
         """Sends `request` (and a payload), returns the reply header. `reply_into(header)`, when
         given, returns a writable buffer the reply's payload is read into. Raises TimeoutError
         past the deadline and ChannelError for a peer error or a broken connection."""
-        with self._failures(f"did not answer {request.get('op')} within {timeout_s:.1f}s"):
+        with self._failures("did not answer %s within %.1fs", request.get("op"), timeout_s):
             sock = self._connected(timeout_s)
             send_frame(sock, request, payload)
             return self._read_frame(sock, reply_into)
 
     def recv(self, timeout_s: float, into: Callable | None = None) -> dict:
         """The next frame of a streamed reply (after `call`); `into(header)` as for `call`."""
-        with self._failures(f"stopped streaming within {timeout_s:.1f}s"):
+        with self._failures("stopped streaming within %.1fs", timeout_s):
             return self._read_frame(self._connected(timeout_s), into)
 
     def send(self, request: dict, timeout_s: float, payload=None) -> None:
         """A request (and payload) the peer does not answer (`noreply`): no round trip."""
-        with self._failures(f"did not take {request.get('op')} within {timeout_s:.1f}s"):
+        with self._failures("did not take %s within %.1fs", request.get("op"), timeout_s):
             send_frame(self._connected(timeout_s), {**request, "noreply": True}, payload)
 
     def _read_frame(self, sock: socket.socket, into: Callable | None) -> dict:
@@ -171,14 +171,15 @@ class RankClient:
         return header
 
     @contextlib.contextmanager
-    def _failures(self, timed_out: str):
+    def _failures(self, timed_out: str, *args):
         """A failed exchange leaves the stream mid-frame: close the connection (the next call
-        reconnects), and say what happened: TimeoutError past the deadline, else ChannelError."""
+        reconnects), and say what happened: TimeoutError past the deadline (`timed_out % args`,
+        formatted only then: this wraps every send of a layer push), else ChannelError."""
         try:
             yield
         except TimeoutError as exc:
             self.close()
-            raise TimeoutError(f"{self.endpoint} {timed_out}") from exc
+            raise TimeoutError(f"{self.endpoint} {timed_out % args}") from exc
         except (OSError, ValueError) as exc:
             self.close()
             raise ChannelError(f"{self.endpoint}: {type(exc).__name__}: {exc}") from exc

@@ -116,8 +116,9 @@ def _round(label: str, served: list[Served], batch: int, args, profile_to: Path 
     cpu0 = [s.cpu_s() for s in served]
     sys0 = [s.system_s() for s in served]
     spy = None
-    py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    if profile_to is not None and py_spy:
+    py_spy = profile_to is not None and shutil.which(
+        "py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if py_spy:
         spy = subprocess.Popen([py_spy, "record", "--format", "raw", "-o", str(profile_to), "-r", "200",
                                 "-d", str(int(args.duration)), "-p", str(served[0].proc.pid)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
